@@ -1,0 +1,112 @@
+"""The backbone contract shared by every forecaster in beamvq.
+
+A backbone maps ``x: (B, T_in, C_in, H, W)`` to ``y: (B, T_out, C_out, H, W)`` through three
+stages so that a vector-quantization bottleneck can sit between the encoder and the rest
+(BeamVQ, arXiv 2405.17051 / 2502.18925):
+
+``encode(x) -> Encoded``      the latent ``z`` (channel-first ``(B, D, ...)``) plus private extras
+``translate(Encoded) -> Encoded``  latent dynamics (identity for pure encoder-decoders)
+``decode(Encoded) -> y``      back to frames
+
+``forward = decode ∘ translate ∘ encode``. ``latent_dim`` is ``D``, the channel width of ``z``;
+the bottleneck is built from it. ``extras`` holds whatever the decoder needs besides ``z`` (skip
+connections, recurrent state): a tensor, or a tuple/dict of tensors, each with batch first, so
+``VQForecaster.candidates`` can repeat it for K candidates with one tree map.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+
+class Encoded(NamedTuple):
+    """What ``encode`` returns: the latent to quantize and backbone-private extras."""
+
+    z: Tensor
+    extras: Any = None
+
+
+class Backbone(nn.Module, ABC):
+    """Base class of the ten backbones.
+
+    Subclasses call ``super().__init__(in_steps, out_steps, in_channels, out_channels)`` and set
+    ``self.latent_dim`` (channel width of ``Encoded.z``). Constructors take flat typed arguments
+    only: no config objects, no ``**kwargs``.
+    """
+
+    latent_dim: int
+
+    def __init__(self, in_steps: int, out_steps: int, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        for name, value in (
+            ("in_steps", in_steps),
+            ("out_steps", out_steps),
+            ("in_channels", in_channels),
+            ("out_channels", out_channels),
+        ):
+            if int(value) < 1:
+                raise ValueError(f"{type(self).__name__}: {name} must be >= 1, got {value}")
+        self.in_steps = int(in_steps)
+        self.out_steps = int(out_steps)
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels)
+
+    # -- grid constraints --------------------------------------------------------------------
+    def check_grid(self, height: int, width: int) -> None:
+        """Raise ``ValueError`` naming the allowed sizes when ``(height, width)`` cannot be used.
+
+        The default accepts any grid; backbones with patches or pooling override it.
+        """
+
+    def check_input(self, x: Tensor) -> None:
+        """Raise a clear ``ValueError`` when ``x`` is not ``(B, in_steps, in_channels, H, W)``."""
+        name = type(self).__name__
+        if x.ndim != 5:
+            raise ValueError(
+                f"{name}: input must be (B, T_in, C, H, W) with T_in={self.in_steps}, "
+                f"C={self.in_channels}; got a {x.ndim}-d tensor of shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.in_steps or x.shape[2] != self.in_channels:
+            raise ValueError(
+                f"{name}: input must be (B, T_in={self.in_steps}, C={self.in_channels}, H, W); "
+                f"got shape {tuple(x.shape)}"
+            )
+        self.check_grid(int(x.shape[-2]), int(x.shape[-1]))
+
+    # -- the contract ------------------------------------------------------------------------
+    @abstractmethod
+    def encode(self, x: Tensor) -> Encoded:
+        """``(B, T_in, C_in, H, W)`` -> ``Encoded`` with ``z`` of shape ``(B, latent_dim, ...)``."""
+
+    def translate(self, enc: Encoded) -> Encoded:
+        """Latent dynamics; identity unless the backbone has a separate translator."""
+        return enc
+
+    @abstractmethod
+    def decode(self, enc: Encoded) -> Tensor:
+        """``Encoded`` -> ``(B, T_out, C_out, H, W)``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        return self.decode(self.translate(self.encode(x)))
+
+
+def divisible_grid_error(name: str, height: int, width: int, factor: int, why: str) -> ValueError:
+    """The one wording for 'this grid is not allowed' errors, naming the allowed sizes."""
+    return ValueError(
+        f"{name}: grid {height}x{width} is not allowed: height and width must be multiples of "
+        f"{factor} ({why}); e.g. {max(factor, (height // factor) * factor)}x"
+        f"{max(factor, (width // factor) * factor)}"
+    )
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters (what papers report)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+__all__ = ["Backbone", "Encoded", "count_parameters", "divisible_grid_error"]

@@ -1,0 +1,850 @@
+"""Earthformer: a hierarchical encoder-decoder of cuboid attention.
+
+Gao, Shi, Wang, Zhu, Wang, Li, Yeung, *Earthformer: Exploring Space-Time Transformers for Earth
+System Forecasting*, NeurIPS 2022 (arXiv 2207.05833); reference code
+``src/earthformer/cuboid_transformer/cuboid_transformer.py`` of
+github.com/amazon-science/earth-forecasting-transformer (``CuboidTransformerModel``), SEVIR
+configuration ``scripts/cuboid_transformer/sevir/cfg_sevir.yaml``.
+
+Architecture (internally channel-last ``(B, T, H, W, C)`` as in the reference):
+
+1. **Stem** (reference ``InitialStackPatchMergingEncoder``): per frame, for each stage
+   ``stem_convs`` x [3x3 conv, GroupNorm (groups of 4 channels), LeakyReLU(0.1)] then a patch
+   merge by ``stem_downscales[k]`` (space-to-depth, LayerNorm, bias-free linear) to
+   ``stem_dims[k]`` channels; the last stage width is ``base_units``. A learned ``t+h+w``
+   position embedding is added.
+2. **Encoder**: per level ``i`` (width ``base_units * downsample**i``), ``enc_depth[i]`` cuboid
+   attention blocks, then a patch merge by ``downsample`` (and a linear map of the global
+   vectors to the next width). A block runs, for each cuboid pattern, cuboid self-attention and
+   a pre-norm GELU FFN, each residual.
+3. **Cuboid self-attention**: LayerNorm, zero-pad to multiples of the cuboid size, cyclic shift,
+   split ``(T, H, W)`` into non-overlapping cuboids (``'l'`` local: contiguous blocks; ``'d'``
+   dilated: every ``n``-th element along the axis), multi-head attention inside each cuboid with
+   a learned relative position bias, merge back, unshift, crop. With global vectors, every token
+   also attends to the ``num_global_vectors`` global vectors (own query projection, one softmax
+   with the cuboid's keys) and the global vectors attend to all tokens and to each other (the
+   paper's global vectors, reference ``separate_global_qkv=True, use_global_self_attn=True``).
+   The default pattern is the paper's SEVIR choice ``axial``: cuboids ``(T,1,1), (1,H,1),
+   (1,1,W)``.
+4. **Decoder**: initial queries for the ``T_out`` future steps are the learned ``t+h+w``
+   position embedding of a zero tensor through a linear map (reference ``z_init_method='zeros'``),
+   at the top level. From the top level down: cuboid cross-attention to that level's encoder
+   state (each decoder cuboid ``(T_out, kh, kw)`` attends to the memory cuboid
+   ``(T_in, kh, kw)`` at the same place, ``cross_1x1`` by default) and cuboid self-attention
+   blocks (the top level starts with cross-attention, reference ``dec_use_first_self_attn=False``),
+   then nearest upsampling + 3x3 conv to the next level. A mirrored stem (nearest upsampling +
+   conv stacks) returns to the input grid and a linear map gives ``C_out``.
+
+The BeamVQ split: ``encode`` = stem + encoder hierarchy; ``z`` = the top (coarsest) encoder
+state, channel-first ``(B, D, T_in, h, w)`` with ``D = base_units * downsample**(L-1)``;
+``extras`` = a dict of batch-first tensors: ``memory_i`` ``(B, T_in, h_i, w_i, C_i)`` for the
+lower levels ``i < L-1`` and ``global_i`` ``(B, G, C_i)`` for every level (absent when
+``num_global_vectors = 0``). ``translate`` is the identity; ``decode`` is the decoder (it reads
+``z`` as the top level's memory).
+
+Choices the paper/reference leave open or that we make differently:
+
+- Padding (grid not a multiple of a cuboid or merge size) is zeros, as the SEVIR configuration;
+  inside cuboid attention padded positions are also masked out as keys and global vectors attend
+  only to real tokens (the reference's ``'ignore'`` mode), so results do not depend on padding.
+  Any grid works; the model is built for one ``height x width`` because the position embeddings
+  and the axial cuboids are sized from it, and ``check_grid`` rejects any other.
+- Cuboid sizes larger than an axis are clipped to it (reference ``update_cuboid_size``), so the
+  same pattern serves every level. An attention layer whose cuboid holds a single token and that
+  has no global vectors would only apply a linear map (its query/key weights get no gradient), so
+  it is not built, together with its FFN (e.g. the temporal axis of the decoder when
+  ``out_steps = 1``). Likewise a cross-attention with a single memory key per query and no
+  global vectors (``in_steps = 1`` with ``1 x 1`` cross cuboids) is built as its value path
+  ``proj(W_v m)``, which is what the attention computes there.
+- ``dec_global_vectors=True`` lets the decoder's cross-attention also attend to each level's
+  encoder global vectors (reference ``use_dec_cross_global``). With ``False`` (the SEVIR
+  configuration) nothing reads the global vectors after the top level's last attention layer,
+  so that layer's global update (5 linear maps) is not built; the reference builds it unused.
+- Cross-attention's relative time offset is the true one between a future step ``T_in + t`` and
+  a past step ``t'``; the reference indexes both from 0. The table has the reference's size
+  ``2 (T_in + T_out) - 1`` either way.
+- Not implemented (off in the SEVIR configuration): an FFN on the global vectors, global
+  vectors in the decoder's self-attention, hierarchical decoder position embeddings, gated FFN,
+  gradient checkpointing.
+- Initialization as the reference's mode ``"0"``: linear layers He-normal by fan-in (linear
+  gain), convolutions He-normal by fan-out (leaky-ReLU gain 0.1), zero biases,
+  ``trunc_normal(0.02)`` for embeddings, bias tables and the initial global vectors.
+
+Parameter count at the paper's SEVIR preset (``configs/backbones/earthformer_paper.yaml``):
+8,200,661. The reference architecture counts 459,008 more (8,659,669): the unused top-level
+global update described above.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from beamvq.backbones.base import Backbone, Encoded
+from beamvq.nn.attention import (
+    AxialPositionEmbedding,
+    ExtraKeys,
+    Mlp,
+    MultiHeadAttention,
+    RelativePositionBias,
+    attention,
+    grid_coords,
+    merge_heads,
+    split_heads,
+)
+
+Size3 = tuple[int, int, int]
+
+
+# -- cuboid decomposition (pure functions) -----------------------------------------------------
+def _cuboid_axes(strategy: str) -> tuple[str, str]:
+    """einops axis groups of ``(T, H, W)``: local ``(n b)`` or dilated ``(b n)`` per axis."""
+    if len(strategy) != 3 or any(s not in "ld" for s in strategy):
+        raise ValueError(f"cuboid strategy must be 3 letters of 'l'/'d', got {strategy!r}")
+    groups = []
+    for axis, s in zip("thw", strategy):
+        groups.append(f"(n{axis} b{axis})" if s == "l" else f"(b{axis} n{axis})")
+    return " ".join(groups), "(nt nh nw) (bt bh bw)"
+
+
+def cuboid_partition(x: Tensor, cuboid: Sequence[int], strategy: str = "lll") -> Tensor:
+    """Split ``(B, T, H, W, C)`` into cuboids: ``(B, num_cuboids, cuboid_volume, C)``.
+
+    Along an axis of length ``L = n * b`` with cuboid size ``b``, ``'l'`` (local) groups the
+    contiguous runs ``[j b, (j+1) b)``; ``'d'`` (dilated) groups ``{j, j + n, j + 2n, ...}``.
+    Cuboids are ordered ``(t, h, w)`` row-major, and so are the tokens inside each cuboid.
+    """
+    bt, bh, bw = (int(c) for c in cuboid)
+    _, t, h, w, _ = x.shape
+    if t % bt or h % bh or w % bw:
+        raise ValueError(f"cuboid_partition: grid {(t, h, w)} is not a multiple of {(bt, bh, bw)}")
+    grid, cuboids = _cuboid_axes(strategy)
+    return rearrange(x, f"b {grid} c -> b {cuboids} c", bt=bt, bh=bh, bw=bw)
+
+
+def cuboid_merge(x: Tensor, cuboid: Sequence[int], strategy: str, grid: Sequence[int]) -> Tensor:
+    """Inverse of :func:`cuboid_partition`: ``(B, n, V, C)`` back to ``(B, T, H, W, C)``."""
+    bt, bh, bw = (int(c) for c in cuboid)
+    t, h, w = (int(g) for g in grid)
+    pattern_grid, cuboids = _cuboid_axes(strategy)
+    return rearrange(
+        x,
+        f"b {cuboids} c -> b {pattern_grid} c",
+        bt=bt,
+        bh=bh,
+        bw=bw,
+        nt=t // bt,
+        nh=h // bh,
+        nw=w // bw,
+    )
+
+
+class CuboidPattern(NamedTuple):
+    """One cuboid attention layer's decomposition: size, cyclic shift and strategy per axis."""
+
+    size: Size3
+    shift: Size3
+    strategy: str
+
+
+def resolve_pattern(
+    extents: Sequence[int], size: Sequence[int], shift: Sequence[int], strategy: str
+) -> CuboidPattern:
+    """Clip a pattern to a grid (reference ``update_cuboid_size_shift_size``).
+
+    A cuboid larger than an axis covers the whole axis; a whole-axis or dilated axis is not
+    shifted (a cyclic shift would change nothing, or would break the dilation).
+    """
+    _cuboid_axes(strategy)
+    out_size, out_shift = [], []
+    for extent, c, s, st in zip(extents, size, shift, strategy):
+        if c < 1 or s < 0:
+            raise ValueError(f"cuboid size must be >= 1 and shift >= 0, got {size}, {shift}")
+        c = min(int(c), int(extent))
+        s = 0 if (st == "d" or c == extent) else int(s)
+        if s >= c:
+            raise ValueError(f"cuboid shift {shift} must be smaller than the cuboid size {size}")
+        out_size.append(c)
+        out_shift.append(s)
+    return CuboidPattern(tuple(out_size), tuple(out_shift), strategy)  # type: ignore[arg-type]
+
+
+def _pads(extents: Sequence[int], size: Sequence[int]) -> tuple[int, ...]:
+    return tuple((-int(e)) % int(c) for e, c in zip(extents, size))
+
+
+def _region_ids(length: int, size: int, shift: int) -> Tensor:
+    """Swin's shifted-window regions along one (padded, already rolled) axis: 0, 1 or 2.
+
+    After rolling by ``-shift`` the last cuboid holds positions that were far apart; tokens
+    may attend only within their own region.
+    """
+    ids = torch.zeros(length, dtype=torch.long)
+    if shift > 0:
+        ids[length - size : length - shift] = 1
+        ids[length - shift :] = 2
+    return ids
+
+
+def cuboid_attention_mask(extents: Sequence[int], pattern: CuboidPattern) -> Tensor | None:
+    """``(num_cuboids, V, V)`` boolean mask (``True`` = may attend), ``None`` when all may.
+
+    Masks padded keys and, with a cyclic shift, keys from another shifted-window region. Every
+    token keeps itself, so no row is empty (padded queries are cropped afterwards anyway).
+    """
+    pads = _pads(extents, pattern.size)
+    if not any(pads) and not any(pattern.shift):
+        return None
+    padded = [e + p for e, p in zip(extents, pads)]
+    real = F.pad(torch.ones(*extents), (0, pads[2], 0, pads[1], 0, pads[0]))
+    ids = [
+        _region_ids(length, size, shift)
+        for length, size, shift in zip(padded, pattern.size, pattern.shift)
+    ]
+    region = ids[0].view(-1, 1, 1) * 9 + ids[1].view(1, -1, 1) * 3 + ids[2].view(1, 1, -1)
+    # The region ids are defined on the rolled grid; the validity map must be rolled like x.
+    real = torch.roll(real, shifts=tuple(-s for s in pattern.shift), dims=(0, 1, 2))
+    stacked = torch.stack((real, region.float()), dim=-1)[None]
+    cub = cuboid_partition(stacked, pattern.size, pattern.strategy)[0]  # (n, V, 2)
+    key_real = cub[..., 0] > 0.5
+    same_region = cub[..., 1][:, :, None] == cub[..., 1][:, None, :]
+    eye = torch.eye(cub.shape[1], dtype=torch.bool)
+    return (same_region & key_real[:, None, :]) | eye
+
+
+# -- layers ------------------------------------------------------------------------------------
+class TokensAndGlobals(NamedTuple):
+    """Tokens ``(B, T, H, W, C)`` and global vectors ``(B, G, C)`` (``None`` when unused)."""
+
+    tokens: Tensor
+    global_vectors: Tensor | None
+
+
+class CuboidSelfAttention(nn.Module):
+    """Cuboid self-attention with optional global vectors; returns the residual updates.
+
+    Args:
+        dim, num_heads: token width and heads.
+        extents: the ``(T, H, W)`` grid this layer runs on.
+        pattern: cuboid size/shift/strategy, already clipped to ``extents``.
+        use_global: tokens attend to the global vectors too.
+        update_global: the global vectors attend to all tokens and to each other (an update is
+            returned); requires ``use_global``.
+        attn_drop, proj_drop: dropout on attention probabilities and after the projections.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        extents: Size3,
+        pattern: CuboidPattern,
+        use_global: bool,
+        update_global: bool,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.extents = tuple(extents)
+        self.pattern = pattern
+        self.pads = _pads(extents, pattern.size)
+        self.use_global = use_global
+        self.update_global = use_global and update_global
+        self.attn_drop = float(attn_drop)
+        self.norm = nn.LayerNorm(dim)
+        self.attn = MultiHeadAttention(dim, num_heads, attn_drop=attn_drop, proj_drop=proj_drop)
+        self.rel_bias = RelativePositionBias(pattern.size, num_heads)
+        self.register_buffer("coords", grid_coords(pattern.size), persistent=False)
+        self.register_buffer("mask", cuboid_attention_mask(extents, pattern), persistent=False)
+        if use_global:
+            self.global_norm = nn.LayerNorm(dim)
+            # Local-to-global: a separate query for the global keys (reference l2g_*).
+            self.l2g_q = nn.Linear(dim, dim, bias=False)
+            self.l2g_kv = nn.Linear(dim, 2 * dim, bias=False)
+        if self.update_global:
+            # Global-to-local and global-to-global (reference g2l_*, g2g_*).
+            self.g2l_q = nn.Linear(dim, dim, bias=False)
+            self.g2l_k = nn.Linear(dim, dim, bias=False)
+            self.g2l_v = nn.Linear(dim, dim, bias=False)
+            self.g2g_qkv = nn.Linear(dim, 3 * dim, bias=False)
+            self.global_proj = nn.Linear(dim, dim)
+            self.global_proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor, global_vectors: Tensor | None = None) -> TokensAndGlobals:
+        """``x: (B, T, H, W, C)``, ``global_vectors: (B, G, C)`` -> updates of both."""
+        if self.use_global and global_vectors is None:
+            raise ValueError("CuboidSelfAttention: built with global vectors, none given")
+        xn = self.norm(x)
+        pt, ph, pw = self.pads
+        shift = self.pattern.shift
+        padded = F.pad(xn, (0, 0, 0, pw, 0, ph, 0, pt))
+        if any(shift):
+            padded = torch.roll(padded, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
+        cub = cuboid_partition(padded, self.pattern.size, self.pattern.strategy)  # (B, n, V, C)
+        extra = None
+        gn = None
+        if self.use_global:
+            gn = self.global_norm(global_vectors)
+            gk, gv = self.l2g_kv(gn).chunk(2, dim=-1)
+            extra = ExtraKeys(
+                k=split_heads(gk, self.num_heads)[:, None],  # broadcast over cuboids
+                v=split_heads(gv, self.num_heads)[:, None],
+                q=split_heads(self.l2g_q(cub), self.num_heads),
+            )
+        bias = self.rel_bias(self.coords, self.coords)  # (heads, V, V)
+        mask = None if self.mask is None else self.mask[:, None]  # (n, 1, V, V)
+        out = self.attn(cub, bias=bias, mask=mask, extra=extra)
+        out = cuboid_merge(out, self.pattern.size, self.pattern.strategy, padded.shape[1:4])
+        if any(shift):
+            out = torch.roll(out, shifts=tuple(shift), dims=(1, 2, 3))
+        t, h, w = self.extents
+        out = out[:, :t, :h, :w]
+        new_global = None
+        if self.update_global:
+            tokens = rearrange(xn, "b t h w c -> b (t h w) c")
+            gq, gk, gv = self.g2g_qkv(gn).chunk(3, dim=-1)
+            heads = self.num_heads
+            g_out = attention(
+                split_heads(self.g2l_q(gn), heads),
+                split_heads(self.g2l_k(tokens), heads),
+                split_heads(self.g2l_v(tokens), heads),
+                extra=ExtraKeys(
+                    k=split_heads(gk, heads), v=split_heads(gv, heads), q=split_heads(gq, heads)
+                ),
+                dropout_p=self.attn_drop if self.training else 0.0,
+            )
+            new_global = self.global_proj_drop(self.global_proj(merge_heads(g_out)))
+        return TokensAndGlobals(out, new_global)
+
+
+class CuboidCrossAttention(nn.Module):
+    """Decoder-to-memory cuboid cross-attention; returns the residual update of ``x``.
+
+    Both tensors are cut into the same ``(h/kh) x (w/kw)`` columns: the decoder cuboid
+    ``(T_x, kh, kw)`` attends to the memory cuboid ``(T_mem, kh, kw)`` at the same place (local
+    strategy, no shift, one temporal cuboid: the reference's ``cross_KxK`` patterns). Relative
+    position bias over (time offset, dh, dw); decoder step ``t`` sits at time ``T_mem + t``.
+
+    Args:
+        dim, num_heads: token width and heads.
+        steps_x, steps_mem: ``T_x`` (decoder steps) and ``T_mem`` (memory steps).
+        extents_hw: the ``(H, W)`` grid of both tensors.
+        cuboid_hw: ``(kh, kw)``, clipped to the grid.
+        use_global: also attend to the memory's global vectors.
+        attn_drop, proj_drop: dropout.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        steps_x: int,
+        steps_mem: int,
+        extents_hw: tuple[int, int],
+        cuboid_hw: Sequence[int],
+        use_global: bool,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        h, w = extents_hw
+        kh, kw = min(int(cuboid_hw[0]), h), min(int(cuboid_hw[1]), w)
+        self.extents_hw = (h, w)
+        self.steps = (steps_x, steps_mem)
+        self.cuboid_hw = (kh, kw)
+        self.pads = _pads((h, w), (kh, kw))
+        self.use_global = use_global
+        # One memory key per query and no global keys: the softmax weight is 1 whatever the
+        # query, so only the value path exists (query, norm and bias would get no gradient).
+        self.single_key = steps_mem * kh * kw == 1 and not use_global
+        if self.single_key:
+            self.value = nn.Linear(dim, dim, bias=False)
+            self.proj = nn.Linear(dim, dim)
+            self.proj_drop = nn.Dropout(proj_drop)
+            return
+        self.norm = nn.LayerNorm(dim)
+        self.attn = MultiHeadAttention(dim, num_heads, attn_drop=attn_drop, proj_drop=proj_drop)
+        self.rel_bias = RelativePositionBias((steps_x + steps_mem, kh, kw), num_heads)
+        q_coords = grid_coords((steps_x, kh, kw)) + torch.tensor([steps_mem, 0, 0])
+        self.register_buffer("q_coords", q_coords, persistent=False)
+        self.register_buffer("k_coords", grid_coords((steps_mem, kh, kw)), persistent=False)
+        key_mask = None
+        if any(self.pads):
+            real = F.pad(
+                torch.ones(1, steps_mem, h, w, 1), (0, 0, 0, self.pads[1], 0, self.pads[0])
+            )
+            key_mask = cuboid_partition(real, (steps_mem, kh, kw))[0, :, None, None, :, 0] > 0.5
+        self.register_buffer("key_mask", key_mask, persistent=False)  # (n, 1, 1, Vm)
+        if use_global:
+            self.l2g_q = nn.Linear(dim, dim, bias=False)
+            self.l2g_kv = nn.Linear(dim, 2 * dim, bias=False)
+
+    def forward(self, x: Tensor, memory: Tensor, global_vectors: Tensor | None = None) -> Tensor:
+        """``x: (B, T_x, H, W, C)``, ``memory: (B, T_mem, H, W, C)`` -> update of ``x``."""
+        if self.use_global and global_vectors is None:
+            raise ValueError("CuboidCrossAttention: built with global vectors, none given")
+        if self.single_key:
+            update = self.proj_drop(self.proj(self.value(memory)))  # (B, 1, H, W, C)
+            return update.expand(-1, x.shape[1], -1, -1, -1)
+        ph, pw = self.pads
+        steps_x, steps_mem = self.steps
+        kh, kw = self.cuboid_hw
+        xq = cuboid_partition(F.pad(self.norm(x), (0, 0, 0, pw, 0, ph)), (steps_x, kh, kw))
+        mem = cuboid_partition(F.pad(memory, (0, 0, 0, pw, 0, ph)), (steps_mem, kh, kw))
+        extra = None
+        if self.use_global:
+            gk, gv = self.l2g_kv(global_vectors).chunk(2, dim=-1)
+            extra = ExtraKeys(
+                k=split_heads(gk, self.num_heads)[:, None],
+                v=split_heads(gv, self.num_heads)[:, None],
+                q=split_heads(self.l2g_q(xq), self.num_heads),
+            )
+        bias = self.rel_bias(self.q_coords, self.k_coords)
+        out = self.attn(xq, mem, bias=bias, mask=self.key_mask, extra=extra)
+        h, w = self.extents_hw
+        grid = (steps_x, h + ph, w + pw)
+        return cuboid_merge(out, (steps_x, kh, kw), "lll", grid)[:, :, :h, :w]
+
+
+class FeedForward(nn.Module):
+    """Pre-norm residual GELU FFN with hidden width ``4 * dim`` (reference PositionwiseFFN)."""
+
+    def __init__(self, dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, 4 * dim, dropout=dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.mlp(self.norm(x))
+
+
+class CuboidSelfAttentionBlock(nn.Module):
+    """For each cuboid pattern: cuboid self-attention (residual) then an FFN.
+
+    Patterns with a one-token cuboid and no global vectors are skipped (see module docstring).
+    ``update_global_last=False`` builds the last layer without the global-vector update.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        extents: Size3,
+        patterns: Sequence[CuboidPattern],
+        use_global: bool,
+        update_global_last: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        ffn_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        kept = [p for p in patterns if use_global or math.prod(p.size) > 1]
+        self.attns = nn.ModuleList(
+            CuboidSelfAttention(
+                dim,
+                num_heads,
+                extents,
+                p,
+                use_global,
+                update_global=update_global_last or i < len(kept) - 1,
+                attn_drop=attn_drop,
+                proj_drop=proj_drop,
+            )
+            for i, p in enumerate(kept)
+        )
+        self.ffns = nn.ModuleList(FeedForward(dim, ffn_drop) for _ in kept)
+
+    def forward(self, x: Tensor, global_vectors: Tensor | None = None) -> TokensAndGlobals:
+        for attn, ffn in zip(self.attns, self.ffns):
+            out = attn(x, global_vectors)
+            x = x + out.tokens
+            if out.global_vectors is not None:
+                global_vectors = global_vectors + out.global_vectors
+            x = ffn(x)
+        return TokensAndGlobals(x, global_vectors)
+
+
+class CuboidCrossAttentionBlock(nn.Module):
+    """Cuboid cross-attention (residual) then an FFN (reference StackCuboidCrossAttentionBlock)."""
+
+    def __init__(self, dim: int, ffn_drop: float, attention_layer: CuboidCrossAttention) -> None:
+        super().__init__()
+        self.attn = attention_layer
+        self.ffn = FeedForward(dim, ffn_drop)
+
+    def forward(self, x: Tensor, memory: Tensor, global_vectors: Tensor | None = None) -> Tensor:
+        return self.ffn(x + self.attn(x, memory, global_vectors))
+
+
+class PatchMerging(nn.Module):
+    """Space-to-depth by ``factor`` in H and W, LayerNorm, bias-free linear (zero-padded)."""
+
+    def __init__(self, dim: int, out_dim: int, factor: int) -> None:
+        super().__init__()
+        self.factor = int(factor)
+        self.norm = nn.LayerNorm(factor * factor * dim)
+        self.reduction = nn.Linear(factor * factor * dim, out_dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, T, H, W, C)`` -> ``(B, T, ceil(H/f), ceil(W/f), out_dim)``."""
+        f = self.factor
+        x = F.pad(x, (0, 0, 0, (-x.shape[3]) % f, 0, (-x.shape[2]) % f))
+        x = rearrange(x, "b t (h fh) (w fw) c -> b t h w (fh fw c)", fh=f, fw=f)
+        return self.reduction(self.norm(x))
+
+
+class Upsample(nn.Module):
+    """Per frame nearest upsampling to ``size`` then a 3x3 conv (reference Upsample3DLayer)."""
+
+    def __init__(self, dim: int, out_dim: int, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.size = size
+        self.conv = nn.Conv2d(dim, out_dim, kernel_size=3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = x.shape[0]
+        x = rearrange(x, "b t h w c -> (b t) c h w")
+        x = self.conv(F.interpolate(x, size=self.size, mode="nearest"))
+        return rearrange(x, "(b t) c h w -> b t h w c", b=b)
+
+
+def _conv_stack(in_dim: int, out_dim: int, num_convs: int) -> nn.Sequential:
+    """``num_convs`` x [3x3 conv, GroupNorm (groups of 4 channels), LeakyReLU(0.1)]."""
+    layers: list[nn.Module] = []
+    for i in range(num_convs):
+        layers += [
+            nn.Conv2d(in_dim if i == 0 else out_dim, out_dim, kernel_size=3, padding=1),
+            nn.GroupNorm(max(1, out_dim // 4), out_dim),
+            nn.LeakyReLU(0.1),
+        ]
+    return nn.Sequential(*layers)
+
+
+def _per_frame(block: nn.Module, x: Tensor) -> Tensor:
+    b = x.shape[0]
+    y = block(rearrange(x, "b t h w c -> (b t) c h w"))
+    return rearrange(y, "(b t) c h w -> b t h w c", b=b)
+
+
+class Stem(nn.Module):
+    """Initial encoder: per stage a conv stack then a patch merge (reference stack_conv)."""
+
+    def __init__(
+        self, in_dim: int, dims: Sequence[int], downscales: Sequence[int], num_convs: int
+    ) -> None:
+        super().__init__()
+        prev = [in_dim, *dims[:-1]]
+        self.convs = nn.ModuleList(_conv_stack(p, d, num_convs) for p, d in zip(prev, dims))
+        self.merges = nn.ModuleList(PatchMerging(d, d, s) for d, s in zip(dims, downscales))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for conv, merge in zip(self.convs, self.merges):
+            x = merge(_per_frame(conv, x))
+        return x
+
+
+class StemDecoder(nn.Module):
+    """Final decoder mirroring the stem: per stage upsample + 3x3 conv, then a conv stack."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        dims: Sequence[int],
+        sizes: Sequence[tuple[int, int]],
+        num_convs: int,
+    ) -> None:
+        super().__init__()
+        prev = [in_dim, *dims[:-1]]
+        self.ups = nn.ModuleList(Upsample(p, p, s) for p, s in zip(prev, sizes))
+        self.convs = nn.ModuleList(_conv_stack(p, d, num_convs) for p, d in zip(prev, dims))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for up, conv in zip(self.ups, self.convs):
+            x = _per_frame(conv, up(x))
+        return x
+
+
+def _init_weights(module: nn.Module) -> None:
+    """Reference initialization mode "0" (see module docstring)."""
+    if isinstance(module, nn.Linear):
+        nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="linear")
+    elif isinstance(module, nn.Conv2d):
+        nn.init.kaiming_normal_(module.weight, a=0.1, mode="fan_out", nonlinearity="leaky_relu")
+    else:
+        return
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+# -- the backbone ------------------------------------------------------------------------------
+class Earthformer(Backbone):
+    """Earthformer (cuboid-attention encoder-decoder); ``z`` is the top encoder state.
+
+    Args:
+        in_steps, out_steps, in_channels, out_channels: the backbone contract.
+        height, width: the grid the model is built for (learned position embeddings and axial
+            cuboids are sized from it); any size is allowed (zero padding inside).
+        base_units: width of the first hierarchy level (and last stem stage).
+        num_heads: attention heads (every level width must be divisible by it).
+        enc_depth, dec_depth: cuboid attention blocks per hierarchy level (same length ``L``).
+        num_global_vectors: number of global vectors (0 disables them).
+        downsample: patch-merge factor in H and W between levels; level ``i`` has width
+            ``base_units * downsample**i``.
+        stem_dims: widths of the stem stages (last = ``base_units``); default all
+            ``base_units``.
+        stem_downscales: downsampling factor of each stem stage (1 = none).
+        stem_convs: 3x3 convs per stem stage (and per mirrored decoder stage), >= 1.
+        cuboid_sizes: ``(t, h, w)`` cuboid per self-attention layer of every block (encoder and
+            decoder); sizes larger than an axis cover the axis. ``None`` = the paper's ``axial``
+            pattern ``(T,1,1), (1,H,1), (1,1,W)``.
+        cuboid_strategies: per layer, 3 letters ``'l'`` (local) / ``'d'`` (dilated) for
+            ``(t, h, w)``; default all local.
+        shift_sizes: per layer, cyclic shift ``(t, h, w)`` (Swin-style); default none.
+        cross_cuboid_hw: ``(kh, kw)`` of the decoder's cross-attention cuboids (``(1, 1)`` is
+            the paper's ``cross_1x1``).
+        dec_global_vectors: the decoder's cross-attention also attends to the encoder's global
+            vectors.
+        attn_drop, proj_drop, ffn_drop: dropout on attention probabilities, after attention
+            projections, and in the FFNs (0.1 each in the paper's SEVIR run).
+    """
+
+    def __init__(
+        self,
+        in_steps: int,
+        out_steps: int,
+        in_channels: int,
+        out_channels: int,
+        height: int,
+        width: int,
+        base_units: int = 32,
+        num_heads: int = 4,
+        enc_depth: Sequence[int] = (1, 1),
+        dec_depth: Sequence[int] = (1, 1),
+        num_global_vectors: int = 8,
+        downsample: int = 2,
+        stem_dims: Sequence[int] | None = None,
+        stem_downscales: Sequence[int] = (2,),
+        stem_convs: int = 2,
+        cuboid_sizes: Sequence[Sequence[int]] | None = None,
+        cuboid_strategies: Sequence[str] | None = None,
+        shift_sizes: Sequence[Sequence[int]] | None = None,
+        cross_cuboid_hw: Sequence[int] = (1, 1),
+        dec_global_vectors: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        ffn_drop: float = 0.0,
+    ) -> None:
+        super().__init__(in_steps, out_steps, in_channels, out_channels)
+        name = type(self).__name__
+        self.height, self.width = int(height), int(width)
+        enc_depth, dec_depth = [int(d) for d in enc_depth], [int(d) for d in dec_depth]
+        stem_downscales = [int(s) for s in stem_downscales]
+        stem_dims = [base_units] * len(stem_downscales) if stem_dims is None else list(stem_dims)
+        num_levels = len(enc_depth)
+        dims = [base_units * downsample**i for i in range(num_levels)]
+        problems = []
+        if self.height < 1 or self.width < 1:
+            problems.append(f"height and width must be >= 1, got {height}x{width}")
+        if num_levels < 1 or len(dec_depth) != num_levels:
+            problems.append(f"enc_depth {enc_depth} and dec_depth {dec_depth} need equal length")
+        if any(d < 1 for d in enc_depth + dec_depth):
+            problems.append("every enc_depth/dec_depth entry must be >= 1")
+        if any(d % num_heads for d in dims):
+            problems.append(f"level widths {dims} must be divisible by num_heads={num_heads}")
+        if len(stem_dims) != len(stem_downscales) or not stem_dims:
+            problems.append(f"stem_dims {stem_dims} and stem_downscales need equal, >0 length")
+        elif stem_dims[-1] != base_units:
+            problems.append(f"the last stem_dims entry must equal base_units={base_units}")
+        if any(s < 1 for s in stem_downscales) or downsample < 1 or stem_convs < 1:
+            problems.append("downsample factors and stem_convs must be >= 1")
+        if num_global_vectors < 0:
+            problems.append("num_global_vectors must be >= 0")
+        if problems:
+            raise ValueError(f"{name}: " + "; ".join(problems))
+
+        self.latent_dim = dims[-1]
+        self.num_global_vectors = int(num_global_vectors)
+        use_global = self.num_global_vectors > 0
+        self.dec_global_vectors = bool(dec_global_vectors) and use_global
+
+        # Grid sizes: after each stem stage, then per hierarchy level.
+        stem_sizes = [(self.height, self.width)]
+        for s in stem_downscales:
+            h, w = stem_sizes[-1]
+            stem_sizes.append((-(-h // s), -(-w // s)))
+        level_hw = [stem_sizes[-1]]
+        for _ in range(num_levels - 1):
+            h, w = level_hw[-1]
+            level_hw.append((-(-h // downsample), -(-w // downsample)))
+        self.level_hw = level_hw
+
+        def patterns(extents: Size3) -> list[CuboidPattern]:
+            if cuboid_sizes is None:
+                sizes = [(extents[0], 1, 1), (1, extents[1], 1), (1, 1, extents[2])]
+            else:
+                sizes = [tuple(int(c) for c in s) for s in cuboid_sizes]
+            strategies = list(cuboid_strategies or ["lll"] * len(sizes))
+            shifts = [tuple(s) for s in shift_sizes] if shift_sizes else [(0, 0, 0)] * len(sizes)
+            if not (len(strategies) == len(shifts) == len(sizes)) or any(
+                len(s) != 3 for s in [*sizes, *shifts]
+            ):
+                raise ValueError(
+                    f"{name}: cuboid_sizes, cuboid_strategies and shift_sizes need one (t, h, w) "
+                    f"entry per attention layer; got {cuboid_sizes}, {cuboid_strategies}, "
+                    f"{shift_sizes}"
+                )
+            return [resolve_pattern(extents, *args) for args in zip(sizes, shifts, strategies)]
+
+        drops = {"attn_drop": attn_drop, "proj_drop": proj_drop, "ffn_drop": ffn_drop}
+
+        # Stem and encoder.
+        self.stem = Stem(in_channels, stem_dims, stem_downscales, stem_convs)
+        self.enc_pos_embed = AxialPositionEmbedding(base_units, (in_steps, *level_hw[0]))
+        if use_global:
+            self.init_global_vectors = nn.Parameter(torch.zeros(num_global_vectors, base_units))
+            nn.init.trunc_normal_(self.init_global_vectors, std=0.02)
+        self.encoder = nn.ModuleList()
+        for i in range(num_levels):
+            extents = (in_steps, *level_hw[i])
+            top = i == num_levels - 1
+            self.encoder.append(
+                nn.ModuleList(
+                    CuboidSelfAttentionBlock(
+                        dims[i],
+                        num_heads,
+                        extents,
+                        patterns(extents),
+                        use_global,
+                        # Nothing reads the top level's final global vectors unless the decoder does.
+                        update_global_last=not (top and j == enc_depth[i] - 1)
+                        or self.dec_global_vectors,
+                        **drops,
+                    )
+                    for j in range(enc_depth[i])
+                )
+            )
+        self.merges = nn.ModuleList(
+            PatchMerging(dims[i], dims[i + 1], downsample) for i in range(num_levels - 1)
+        )
+        self.global_merges = nn.ModuleList(
+            nn.Linear(dims[i], dims[i + 1]) for i in range(num_levels - 1) if use_global
+        )
+
+        # Decoder.
+        top_hw = level_hw[-1]
+        self.dec_pos_embed = AxialPositionEmbedding(dims[-1], (out_steps, *top_hw))
+        self.query_proj = nn.Linear(dims[-1], dims[-1])
+        self.dec_self = nn.ModuleList()
+        self.dec_cross = nn.ModuleList()
+        for i in range(num_levels):
+            extents = (out_steps, *level_hw[i])
+            # The top level starts with cross-attention (reference dec_use_first_self_attn=False).
+            n_self = dec_depth[i] - 1 if i == num_levels - 1 else dec_depth[i]
+            self.dec_self.append(
+                nn.ModuleList(
+                    CuboidSelfAttentionBlock(
+                        dims[i], num_heads, extents, patterns(extents), False, **drops
+                    )
+                    for _ in range(n_self)
+                )
+            )
+            self.dec_cross.append(
+                nn.ModuleList(
+                    CuboidCrossAttentionBlock(
+                        dims[i],
+                        ffn_drop,
+                        CuboidCrossAttention(
+                            dims[i],
+                            num_heads,
+                            out_steps,
+                            in_steps,
+                            level_hw[i],
+                            cross_cuboid_hw,
+                            self.dec_global_vectors,
+                            attn_drop,
+                            proj_drop,
+                        ),
+                    )
+                    for _ in range(dec_depth[i])
+                )
+            )
+        self.dec_ups = nn.ModuleList(
+            Upsample(dims[i + 1], dims[i], level_hw[i]) for i in range(num_levels - 1)
+        )
+        self.stem_decoder = StemDecoder(base_units, stem_dims[::-1], stem_sizes[-2::-1], stem_convs)
+        self.head = nn.Linear(stem_dims[0], out_channels)
+        for module in self.modules():
+            _init_weights(module)
+
+    # -- contract ---------------------------------------------------------------------------
+    def check_grid(self, height: int, width: int) -> None:
+        if (height, width) != (self.height, self.width):
+            raise ValueError(
+                f"{type(self).__name__}: grid {height}x{width} is not allowed: this model was "
+                f"built for {self.height}x{self.width} (its learned position embeddings and axial "
+                f"cuboids are sized from the grid); build it with height={height}, width={width}"
+            )
+
+    def encode(self, x: Tensor) -> Encoded:
+        """``(B, T_in, C_in, H, W)`` -> ``z: (B, D, T_in, h, w)`` plus memory/global extras."""
+        self.check_input(x)
+        x = self.enc_pos_embed(self.stem(rearrange(x, "b t c h w -> b t h w c")))
+        g = None
+        if self.num_global_vectors:
+            g = self.init_global_vectors.expand(x.shape[0], -1, -1)
+        extras: dict[str, Tensor] = {}
+        num_levels = len(self.encoder)
+        for i, blocks in enumerate(self.encoder):
+            for block in blocks:
+                x, g = block(x, g)
+            if g is not None:
+                extras[f"global_{i}"] = g
+            if i < num_levels - 1:
+                extras[f"memory_{i}"] = x
+                x = self.merges[i](x)
+                if g is not None:
+                    g = self.global_merges[i](g)
+        return Encoded(rearrange(x, "b t h w c -> b c t h w"), extras)
+
+    def decode(self, enc: Encoded) -> Tensor:
+        """``Encoded`` -> ``(B, T_out, C_out, H, W)``."""
+        top = rearrange(enc.z, "b c t h w -> b t h w c")
+        extras = enc.extras
+        num_levels = len(self.dec_cross)
+        zeros = top.new_zeros(1, self.out_steps, *self.level_hw[-1], self.latent_dim)
+        x = self.query_proj(self.dec_pos_embed(zeros)).expand(top.shape[0], -1, -1, -1, -1)
+        for i in range(num_levels - 1, -1, -1):
+            memory = top if i == num_levels - 1 else extras[f"memory_{i}"]
+            g = extras[f"global_{i}"] if self.dec_global_vectors else None
+            selfs, crosses = self.dec_self[i], self.dec_cross[i]
+            if i == num_levels - 1:
+                x = crosses[0](x, memory, g)
+                for block, cross in zip(selfs, crosses[1:]):
+                    x = cross(block(x).tokens, memory, g)
+            else:
+                for block, cross in zip(selfs, crosses):
+                    x = cross(block(x).tokens, memory, g)
+            if i > 0:
+                x = self.dec_ups[i - 1](x)
+        y = self.head(self.stem_decoder(x))
+        return rearrange(y, "b t h w c -> b t c h w")
+
+
+__all__ = [
+    "CuboidCrossAttention",
+    "CuboidPattern",
+    "CuboidSelfAttention",
+    "Earthformer",
+    "cuboid_attention_mask",
+    "cuboid_merge",
+    "cuboid_partition",
+    "resolve_pattern",
+]

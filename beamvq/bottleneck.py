@@ -1,0 +1,171 @@
+"""VQ bottleneck with top-K retrieval (BeamVQ, arXiv 2405.17051 / 2502.18925).
+
+An EMA vector quantizer (van den Oord et al. 2017, "Neural Discrete Representation Learning",
+arXiv 1711.00937; EMA updates as in its appendix) from the well-kept ``vector-quantize-pytorch``
+library, wrapped so that it
+
+* quantizes any channel-first latent ``z: (B, D, ...)`` (every position's D-vector is a token);
+* returns ``Quantized(z_q, indices, aux_loss)`` where ``aux_loss`` is the weighted commitment loss;
+* retrieves the ``k`` nearest codes per position for BeamVQ's K alternative futures:
+  ``topk(z, k) -> (B, k, D, ...)``, candidate ``i`` using the i-th nearest code at **every**
+  position (rank-aligned, as the authors' code does), candidate 0 being the nearest-code latent.
+
+The paper's defaults are written here explicitly, not inherited from the library (whose defaults
+change between releases): EMA decay 0.99, commitment weight 0.25, plain straight-through
+estimator (no rotation trick), k-means initialisation and dead-code replacement on.
+
+Eval mode never changes the code bank: retrieval then bypasses the library's forward (which
+would run the k-means initialisation on first use) and only reads the codes.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+from vector_quantize_pytorch import VectorQuantize
+
+
+class Quantized(NamedTuple):
+    """Output of the bottleneck: quantized latent, code indices per position, auxiliary loss."""
+
+    z_q: Tensor
+    indices: Tensor
+    aux_loss: Tensor
+
+
+class CodebookStats(NamedTuple):
+    """Code-bank health for one batch: perplexity of code usage and number of codes in use."""
+
+    perplexity: Tensor
+    codes_used: Tensor
+
+
+class VQBottleneck(nn.Module):
+    """EMA code bank over a channel-first latent, with top-K retrieval.
+
+    Args:
+        dim: channel width D of the latent (given by the forecast module from the backbone).
+        codebook_size: number of codes (the authors' code: 512).
+        codebook_dim: code width; ``None`` uses ``dim`` (no projection). Otherwise the latent is
+            projected to this width and back with learned linear maps.
+        decay: EMA decay of the code bank (paper: 0.99).
+        commitment_weight: weight of ||z - sg(z_q)||² (paper: 0.25).
+        kmeans_init: initialise codes by k-means on the first training batch.
+        kmeans_iters: k-means iterations for that initialisation.
+        threshold_ema_dead_code: a code whose EMA usage falls below this is replaced by a random
+            latent of the batch (dead-code revival).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int = 512,
+        codebook_dim: int | None = None,
+        decay: float = 0.99,
+        commitment_weight: float = 0.25,
+        kmeans_init: bool = True,
+        kmeans_iters: int = 10,
+        threshold_ema_dead_code: float = 2.0,
+    ) -> None:
+        super().__init__()
+        if dim < 1 or codebook_size < 2:
+            raise ValueError(
+                f"VQBottleneck: dim must be >= 1 and codebook_size >= 2, got dim={dim}, "
+                f"codebook_size={codebook_size}"
+            )
+        self.dim = int(dim)
+        self.codebook_size = int(codebook_size)
+        self.vq = VectorQuantize(
+            dim=dim,
+            codebook_size=codebook_size,
+            codebook_dim=codebook_dim,
+            decay=decay,
+            commitment_weight=commitment_weight,
+            kmeans_init=kmeans_init,
+            kmeans_iters=kmeans_iters,
+            threshold_ema_dead_code=threshold_ema_dead_code,
+            rotation_trick=False,  # plain straight-through, as in the paper
+            straight_through=False,
+            use_cosine_sim=False,
+            learnable_codebook=False,  # EMA updates only
+            ema_update=True,
+            channel_last=True,
+        )
+
+    # -- helpers -------------------------------------------------------------------------------
+    @property
+    def codebook(self) -> Tensor:
+        """The code bank, ``(codebook_size, codebook_dim)``."""
+        return self.vq.codebook
+
+    def _tokens(self, z: Tensor) -> Tensor:
+        if z.ndim < 2 or z.shape[1] != self.dim:
+            raise ValueError(
+                f"VQBottleneck: latent must be channel-first (B, {self.dim}, ...); "
+                f"got shape {tuple(z.shape)}"
+            )
+        return rearrange(z, "b d ... -> b (...) d")
+
+    @staticmethod
+    def _untokens(tokens: Tensor, like: Tensor) -> Tensor:
+        """``(B, N, D)`` back to the channel-first shape of ``like``."""
+        b, d, *spatial = like.shape
+        return tokens.transpose(1, 2).reshape(b, tokens.shape[-1], *spatial)
+
+    def _nearest(self, tokens: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Indices ``(B, N, k)`` of the k nearest codes and the projected-out codes ``(B, N, k, D)``."""
+        projected = self.vq.project_in(tokens)
+        codes = self.codebook.to(projected.dtype)
+        # squared euclidean distance without materialising differences: |x|² - 2x·c + |c|²
+        dist = (
+            projected.pow(2).sum(-1, keepdim=True)
+            - 2 * projected @ codes.t()
+            + codes.pow(2).sum(-1)[None, None, :]
+        )
+        indices = dist.topk(k, dim=-1, largest=False).indices
+        return indices, self.vq.project_out(codes[indices])
+
+    # -- the contract --------------------------------------------------------------------------
+    def forward(self, z: Tensor) -> Quantized:
+        tokens = self._tokens(z)
+        if self.training:
+            quantized, indices, loss = self.vq(tokens)
+            return Quantized(self._untokens(quantized, z), indices.reshape(z.shape[0], *z.shape[2:]), loss)
+        indices, codes = self._nearest(tokens, 1)
+        z_q = self._untokens(codes[:, :, 0], z)
+        # eval: report the commitment term for monitoring; it trains nothing here
+        aux = self.vq.commitment_weight * torch.mean((z - z_q) ** 2)
+        return Quantized(z_q, indices[..., 0].reshape(z.shape[0], *z.shape[2:]), aux)
+
+    @torch.no_grad()
+    def topk_indices(self, z: Tensor, k: int) -> Tensor:
+        """Indices of the k nearest codes per position, ``(B, k, ...)``, nearest first."""
+        indices, _ = self._nearest(self._tokens(z), self._check_k(k))
+        return rearrange(indices, "b n k -> b k n").reshape(z.shape[0], k, *z.shape[2:])
+
+    def topk(self, z: Tensor, k: int) -> Tensor:
+        """K candidate latents ``(B, k, D, ...)``: candidate i uses the i-th nearest code everywhere.
+
+        Candidate 0 is the nearest-code latent (what ``forward`` returns in eval). Reads the code
+        bank only; gradients flow to the projections, never into the codes.
+        """
+        tokens = self._tokens(z)
+        _, codes = self._nearest(tokens, self._check_k(k))  # (B, N, k, D)
+        b, d, *spatial = z.shape
+        return rearrange(codes, "b n k d -> b k d n").reshape(b, k, d, *spatial)
+
+    def _check_k(self, k: int) -> int:
+        if not 1 <= k <= self.codebook_size:
+            raise ValueError(f"VQBottleneck: k must be in [1, {self.codebook_size}], got {k}")
+        return int(k)
+
+    @staticmethod
+    def usage(indices: Tensor, codebook_size: int) -> CodebookStats:
+        """Perplexity exp(H(p)) of the code histogram and the number of distinct codes used."""
+        counts = torch.bincount(indices.reshape(-1), minlength=codebook_size).float()
+        p = counts / counts.sum().clamp_min(1.0)
+        entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
+        return CodebookStats(torch.exp(entropy), (counts > 0).sum())

@@ -1,0 +1,106 @@
+"""Write ``beamvq predict`` forecasts to CF-style NetCDF.
+
+Layout (one file, written under a temporary name and renamed, see ``datamodules.io``):
+
+* dims ``(sample, lead_time, y, x)`` for each variable; ``sample`` indexes forecast windows, with
+  coordinates ``trajectory`` (the input's sample label) and ``init_time`` (time label of the
+  last input frame); ``lead_time`` counts forecast steps from 1 in units of the input's time step;
+* when the module predicts an ensemble, ``<var>_members (sample, member, lead_time, y, x)``,
+  ``<var>_ens_mean`` and ``<var>_ens_spread`` (standard deviation over members);
+* the input's ``y``/``x`` coordinates and variable attributes (units, long_name) carried over;
+  global ``history`` names the command and the checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import xarray as xr
+from pytorch_lightning.callbacks import BasePredictionWriter
+
+from datamodules.io import write_netcdf
+
+log = logging.getLogger(__name__)
+
+
+class NetCDFPredictionWriter(BasePredictionWriter):
+    """Collect predictions of an epoch and write them as one NetCDF file.
+
+    Args:
+        output: the NetCDF path; under DDP each rank writes ``<stem>.rank<r>.nc``.
+    """
+
+    def __init__(self, output: str = "runs/predictions.nc") -> None:
+        super().__init__(write_interval="epoch")
+        self.output = output
+
+    def _path(self, trainer: pl.Trainer) -> Path:
+        path = Path(self.output)
+        if trainer.world_size > 1:
+            path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
+        return path
+
+    def write_on_epoch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Any, batch_indices: Any
+    ) -> None:
+        preds = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
+        if not preds:
+            log.warning("predict produced no forecasts; nothing written")
+            return
+        dm = trainer.datamodule
+        forecast = torch.cat([p.forecast for p in preds]).float().cpu().numpy()
+        index = torch.cat([p.index for p in preds]).cpu().numpy()
+        has_members = preds[0].members is not None
+        members = torch.cat([p.members for p in preds]).float().cpu().numpy() if has_members else None
+        ds = self.build_dataset(dm, forecast, index, members, trainer.ckpt_path)
+        path = write_netcdf(ds, self._path(trainer))
+        log.info("wrote %d forecasts to %s", forecast.shape[0], path)
+
+    @staticmethod
+    def build_dataset(
+        dm: Any, forecast: np.ndarray, index: np.ndarray, members: np.ndarray | None, ckpt: str | None
+    ) -> xr.Dataset:
+        """The CF dataset for ``forecast (S, T, C, H, W)`` of windows ``index`` of the predict split."""
+        info = dm.window_info(dm.predict_split, index)
+        n_lead = forecast.shape[1]
+        time = dm.coords[dm.time_dim].values
+        step = time[1] - time[0] if time.size > 1 else 1
+        lead = np.arange(1, n_lead + 1) * step
+        coords: dict[str, Any] = {
+            "sample": ("sample", np.arange(forecast.shape[0]), {"long_name": "forecast window"}),
+            "trajectory": ("sample", info.sample, {"long_name": "sample (trajectory) of the input"}),
+            "init_time": ("sample", info.init_time, dict(dm.coords[dm.time_dim].attrs, long_name="time of the last input frame")),
+            "lead_time": ("lead_time", lead, {"long_name": "forecast lead time", "units": dm.coords[dm.time_dim].attrs.get("units", "time steps")}),
+        }
+        for dim, new in ((dm.y_dim, "y"), (dm.x_dim, "x")):
+            if dim in dm.coords:
+                coords[new] = (new, dm.coords[dim].values, dict(dm.coords[dim].attrs))
+        data_vars: dict[str, Any] = {}
+        for c, name in enumerate(dm.variables):
+            attrs = {k: v for k, v in dm.var_attrs.get(name, {}).items() if k in ("units", "long_name", "standard_name")}
+            data_vars[name] = (("sample", "lead_time", "y", "x"), forecast[:, :, c], attrs)
+            if members is not None:
+                m = members[:, :, :, c]
+                data_vars[f"{name}_members"] = (("sample", "member", "lead_time", "y", "x"), m, dict(attrs, long_name=f"{attrs.get('long_name', name)} ensemble members (code-bank candidates)"))
+                data_vars[f"{name}_ens_mean"] = (("sample", "lead_time", "y", "x"), m.mean(1), dict(attrs, long_name=f"{attrs.get('long_name', name)} ensemble mean"))
+                data_vars[f"{name}_ens_spread"] = (("sample", "lead_time", "y", "x"), m.std(1), dict(attrs, long_name=f"{attrs.get('long_name', name)} ensemble spread (std over members)"))
+        if members is not None:
+            coords["member"] = ("member", np.arange(members.shape[1]), {"long_name": "ensemble member (code-bank rank)"})
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return xr.Dataset(
+            data_vars,
+            coords=coords,
+            attrs={
+                "title": "beamvq forecasts",
+                "Conventions": "CF-1.8",
+                "source": f"beamvq forecasts of {dm.path}",
+                "history": f"{stamp}: {' '.join(sys.argv)} (checkpoint: {ckpt})",
+            },
+        )
