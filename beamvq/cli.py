@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
+from pytorch_lightning.loggers import WandbLogger
 
 import beamvq.quant  # noqa: F401  (registers the precision strategies by name)
 from beamvq.module import ForecastModule
@@ -59,7 +60,7 @@ def main(args: list[str] | None = None) -> BeamVQCLI:
     """Entry point of the ``beamvq`` console script and ``python -m beamvq``."""
     os.environ.setdefault("WANDB_MODE", "offline")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return BeamVQCLI(
+    cli = BeamVQCLI(
         ForecastModule,
         pl.LightningDataModule,
         subclass_mode_model=False,
@@ -69,3 +70,12 @@ def main(args: list[str] | None = None) -> BeamVQCLI:
         seed_everything_default=0,
         args=args if args is not None else sys.argv[1:],
     )
+    _finish_loggers(cli.trainer)
+    return cli
+
+
+def _finish_loggers(trainer: pl.Trainer) -> None:
+    """Close W&B runs so a following command (e.g. predict after fit) starts its own run."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()

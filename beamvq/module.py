@@ -9,12 +9,23 @@ pseudo-labelled pool samples weigh what the datamodule says (below 1 by default)
 Data arrive in physical units; the module normalizes with per-channel statistics of the training
 split, held in buffers so they travel in the checkpoint, and computes every metric on
 de-normalized fields. Metric sums are pooled over the whole evaluation set (and over DDP ranks)
-before dividing.
+before dividing: MSE/MAE per lead time, and at ``csi_thresholds`` the contingency counts (SEVIR
+protocol, Veillette et al. 2020) from which CSI/POD/SUCR/BIAS, CSI-M and CSI-M per lead follow.
+
+Ensembles (BeamVQ stage 2, arXiv 2502.18925): with ``predict_members = M > 1`` the module turns
+the deterministic forecaster into a probabilistic one. Members are either the M rank-aligned
+code-bank rollouts (member i uses its i-th nearest code at every step), or, with
+``predict_beam_width > 0``, the M best trajectories of a beam search (``beamvq.search``) scored
+by a reference-free ``predict_scorer`` (the inputs of ``predict`` have no recorded future).
+``predict`` writes them beside the deterministic forecast; ``test`` also pools CRPS per lead
+(energy form, Gneiting & Raftery 2007) and spread/skill (Fortuin et al. 2014) over the set.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -24,7 +35,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from beamvq import metrics
+from beamvq import metrics, search
 from beamvq.backbones.base import Backbone
 from beamvq.bottleneck import VQBottleneck
 from beamvq.model import VQForecaster
@@ -43,11 +54,21 @@ class StepOutput(NamedTuple):
 
 class Prediction(NamedTuple):
     """What ``predict_step`` returns: physical forecast ``(B, T, C, H, W)``, ensemble members
-    ``(B, K, T, C, H, W)`` or ``None``, and the window indices in the predict split."""
+    ``(B, K, T, C, H, W)`` or ``None``, the window indices in the predict split, and the members'
+    beam-search scores ``(B, K)`` (best first) when they were beam-searched, else ``None``."""
 
     forecast: Tensor
     members: Tensor | None
     index: Tensor
+    member_scores: Tensor | None = None
+
+
+class Members(NamedTuple):
+    """Ensemble members ``(B, M, T, C, H, W)`` (physical) and their beam-search scores ``(B, M)``
+    (``None`` for rank-aligned code-bank members, which have no score)."""
+
+    fields: Tensor
+    scores: Tensor | None
 
 
 class ForecastMetrics(Metric):
@@ -63,8 +84,11 @@ class ForecastMetrics(Metric):
         self.add_state("rel_l2_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("n_samples", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         n_thr = len(self.thresholds)
+        # counts per (lead, threshold): pooled over leads for CSI, kept per lead for CSI-M by lead
         for name in ("hits", "misses", "false_alarms", "correct_negatives"):
-            self.add_state(name, torch.zeros(n_thr, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(
+                name, torch.zeros(lead_times, n_thr, dtype=torch.float64), dist_reduce_fx="sum"
+            )
 
     def update(self, pred: Tensor, target: Tensor) -> None:
         sums = metrics.error_sums(pred, target)
@@ -74,7 +98,7 @@ class ForecastMetrics(Metric):
         self.rel_l2_sum += metrics.rel_l2(pred, target).double() * pred.shape[0]
         self.n_samples += pred.shape[0]
         if self.thresholds:
-            c = metrics.contingency_counts(pred, target, self.thresholds)
+            c = metrics.contingency_counts(pred, target, self.thresholds, per_lead=True)
             self.hits += c.hits.double()
             self.misses += c.misses.double()
             self.false_alarms += c.false_alarms.double()
@@ -93,15 +117,69 @@ class ForecastMetrics(Metric):
             out[f"mse_lead{t + 1}"] = mse_lead[t]
             out[f"mae_lead{t + 1}"] = mae_lead[t]
         if self.thresholds:
-            c = metrics.Contingency(self.hits, self.misses, self.false_alarms, self.correct_negatives)
+            per_lead = metrics.Contingency(
+                self.hits, self.misses, self.false_alarms, self.correct_negatives
+            )
+            c = metrics.Contingency(*(f.sum(0) for f in per_lead))
             csi = metrics.csi(c)
+            pod, sucr, bias = metrics.pod(c), metrics.sucr(c), metrics.bias(c)
             for i, thr in enumerate(self.thresholds):
                 tag = f"{thr:g}"
                 out[f"csi_{tag}"] = csi[i]
-                out[f"pod_{tag}"] = metrics.pod(c)[i]
-                out[f"sucr_{tag}"] = metrics.sucr(c)[i]
-                out[f"bias_{tag}"] = metrics.bias(c)[i]
-            out["csi_m"] = torch.nanmean(csi)
+                out[f"pod_{tag}"] = pod[i]
+                out[f"sucr_{tag}"] = sucr[i]
+                out[f"bias_{tag}"] = bias[i]
+            out["csi_m"] = metrics.csi_m(c)
+            csi_m_lead = metrics.csi_m(per_lead)
+            for t in range(csi_m_lead.shape[0]):
+                out[f"csi_m_lead{t + 1}"] = csi_m_lead[t]
+        return {k: v.float() for k, v in out.items()}
+
+
+class EnsembleMetrics(Metric):
+    """Pooled CRPS and spread/skill per lead time of an M-member ensemble, DDP-safe.
+
+    Per batch the formulas of ``beamvq.metrics`` (``crps_ensemble``, ``spread_skill``) give
+    per-lead means; they are pooled as sums weighted by the number of values behind them, so the
+    result equals the formula applied to the whole set at once.
+    """
+
+    full_state_update = False
+
+    def __init__(self, lead_times: int, n_members: int) -> None:
+        super().__init__()
+        if n_members < 2:
+            raise ValueError(f"EnsembleMetrics needs at least two members, got {n_members}")
+        self.n_members = int(n_members)
+        for name in ("crps_sum", "var_sum", "sq_err_sum", "count"):
+            self.add_state(name, torch.zeros(lead_times, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, members: Tensor, target: Tensor) -> None:
+        if members.shape[1] != self.n_members:
+            raise ValueError(f"expected {self.n_members} members, got {members.shape[1]}")
+        n = target.numel() // target.shape[1]  # values behind each per-lead mean
+        ss = metrics.spread_skill(members, target)
+        self.crps_sum += metrics.crps_ensemble(members, target).double() * n
+        self.var_sum += ss.spread.double().square() * n
+        self.sq_err_sum += ss.skill.double().square() * n
+        self.count += n
+
+    def compute(self) -> dict[str, Tensor]:
+        factor = math.sqrt((self.n_members + 1) / self.n_members)
+        count = self.count.clamp_min(1)
+        total = self.count.sum().clamp_min(1)
+        spread_lead, skill_lead = (self.var_sum / count).sqrt(), (self.sq_err_sum / count).sqrt()
+        spread, skill = (self.var_sum.sum() / total).sqrt(), (self.sq_err_sum.sum() / total).sqrt()
+        out = {
+            "crps": self.crps_sum.sum() / total,
+            "spread": spread,
+            "skill": skill,
+            "spread_skill": factor * spread / skill,
+        }
+        crps_lead = self.crps_sum / count
+        for t in range(crps_lead.shape[0]):
+            out[f"crps_lead{t + 1}"] = crps_lead[t]
+            out[f"spread_skill_lead{t + 1}"] = factor * spread_lead[t] / skill_lead[t]
         return {k: v.float() for k, v in out.items()}
 
 
@@ -119,7 +197,14 @@ class ForecastModule(pl.LightningModule):
         candidate_k: K, the number of code-bank candidates per forecast.
         candidate_loss_weight: weight of the mean candidate MSE term (0 turns it off).
         csi_thresholds: thresholds (physical units) for CSI/POD/SUCR/BIAS in validate/test.
-        predict_members: ensemble members written by ``predict`` (0: deterministic only).
+        predict_members: ensemble members M written by ``predict`` and scored (CRPS, spread/skill)
+            by ``test`` (0 or 1: deterministic only).
+        predict_beam_width: 0: members are the M rank-aligned code-bank rollouts; > 0: the M best
+            trajectories of a beam search of this width over the rollout, expanding each beam
+            into ``candidate_k`` code-bank candidates, scored by ``predict_scorer``.
+        predict_scorer: a reference-free ``beamvq.metrics.Scorer`` (e.g. ``SpectrumScorer``,
+            ``NonNegativityScorer``) for the beam-searched members; scorers with a ``fit`` are
+            fitted on training-split targets of the datamodule before predict/test.
     """
 
     def __init__(
@@ -135,6 +220,8 @@ class ForecastModule(pl.LightningModule):
         candidate_loss_weight: float = 0.0,
         csi_thresholds: list[float] | None = None,
         predict_members: int = 0,
+        predict_beam_width: int = 0,
+        predict_scorer: metrics.Scorer | None = None,
     ) -> None:
         super().__init__()
         if rollout_loss not in ("full", "first"):
@@ -151,6 +238,14 @@ class ForecastModule(pl.LightningModule):
                 "model.candidate_loss_weight > 0 and model.predict_members > 1 need a "
                 "model.bottleneck (the candidates come from its code bank)"
             )
+        self._check_predict_search(
+            predict_members,
+            predict_beam_width,
+            predict_scorer,
+            candidate_k,
+            rollout_steps,
+            bottleneck is not None,
+        )
         self.save_hyperparameters()
         self.model = VQForecaster(backbone, bottleneck)
         self.rollout_steps = int(rollout_steps)
@@ -162,6 +257,50 @@ class ForecastModule(pl.LightningModule):
         thresholds = tuple(csi_thresholds or ())
         self.val_metrics = ForecastMetrics(horizon, thresholds)
         self.test_metrics = ForecastMetrics(horizon, thresholds)
+        self.test_ensemble_metrics = (
+            EnsembleMetrics(horizon, predict_members) if predict_members > 1 else None
+        )
+        self.predict_scorer = predict_scorer
+        self._predict_scorer_fitted = False
+
+    @staticmethod
+    def _check_predict_search(
+        members: int,
+        beam_width: int,
+        scorer: metrics.Scorer | None,
+        k: int,
+        steps: int,
+        has_bottleneck: bool,
+    ) -> None:
+        if beam_width < 0:
+            raise ValueError(f"model.predict_beam_width must be >= 0, got {beam_width}")
+        if beam_width == 0:
+            if scorer is not None:
+                raise ValueError(
+                    "model.predict_scorer is only used by the beam search: set "
+                    "model.predict_beam_width > 0 or drop model.predict_scorer"
+                )
+            return
+        if scorer is None:
+            raise ValueError("model.predict_beam_width > 0 needs a model.predict_scorer")
+        if getattr(scorer, "requires_reference", False):
+            raise ValueError(
+                f"model.predict_scorer: {type(scorer).__name__} needs the truth, which predict "
+                "does not have; use a reference-free scorer (e.g. SpectrumScorer, TKEScorer, "
+                "ConservationScorer, NonNegativityScorer)"
+            )
+        if not has_bottleneck or k < 2:
+            raise ValueError(
+                "model.predict_beam_width > 0 needs a model.bottleneck and model.candidate_k >= 2 "
+                "(the beams expand into code-bank candidates)"
+            )
+        # the last step keeps the best M of (beams alive) x K trajectories
+        final = k * min(beam_width, k ** (steps - 1))
+        if not 1 <= members <= final:
+            raise ValueError(
+                f"model.predict_members={members} must be in [1, {final}] with "
+                f"predict_beam_width={beam_width}, candidate_k={k}, rollout_steps={steps}"
+            )
 
     # -- normalization -------------------------------------------------------------------------
     def set_normalization(self, mean: np.ndarray | Tensor, std: np.ndarray | Tensor) -> None:
@@ -190,12 +329,30 @@ class ForecastModule(pl.LightningModule):
         # a checkpoint restored after setup overwrites these with its own statistics
         if getattr(dm, "normalization", None) is not None and not bool(self.norm_ready):
             self.set_normalization(dm.normalization.mean, dm.normalization.std)
+        if stage in ("test", "predict"):
+            self.fit_predict_scorer(dm)
+
+    def fit_predict_scorer(self, dm: Any, max_windows: int = 256) -> None:
+        """Fit ``predict_scorer`` (if it has a ``fit``) once, on training-split targets of ``dm``."""
+        fit = getattr(self.predict_scorer, "fit", None)
+        if not callable(fit) or self._predict_scorer_fitted:
+            return
+        if not hasattr(dm, "training_windows"):
+            raise ValueError(
+                f"model.predict_scorer {type(self.predict_scorer).__name__} must be fitted on "
+                f"training data, but the datamodule {type(dm).__name__} has no training_windows()"
+            )
+        _, _, y = dm.training_windows(max_windows=max_windows, seed=0)
+        fit(y)
+        self._predict_scorer_fitted = True
 
     def check_data(self, dm: Any) -> None:
         """Fail before any work when the data and the model disagree on shapes."""
         bb = self.model.backbone
         expected = {
-            "in_steps": bb.in_steps, "out_steps": bb.out_steps, "rollout_steps": self.rollout_steps,
+            "in_steps": bb.in_steps,
+            "out_steps": bb.out_steps,
+            "rollout_steps": self.rollout_steps,
         }
         for name, want in expected.items():
             have = getattr(dm, name, want)
@@ -219,7 +376,44 @@ class ForecastModule(pl.LightningModule):
         """Physical input ``(B, T_in, C, H, W)`` -> physical rollout ``(B, T, C, H, W)``."""
         return self.denormalize(self.model.rollout(self.normalize(x), self.rollout_steps).y)
 
-    def compute_loss(self, x: Tensor, y: Tensor, weight: Tensor, train: bool) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    def search_step_fn(self, k: int | None = None) -> Callable[[Tensor], Tensor]:
+        """The K-candidate forecaster that ``beamvq.search.beam_search`` expands.
+
+        Normalized window ``(N, T_in, C, H, W)`` -> normalized candidates
+        ``(N, k, T_out, C, H, W)``, candidate 0 the nearest-code forecast; ``k`` defaults to
+        ``candidate_k``. Pair it with ``denormalize`` as the search's ``to_physical``. Call it in
+        eval mode under ``no_grad`` (retrieval then reads the code bank and never moves it).
+        """
+        k = int(self.hparams.candidate_k if k is None else k)
+        if k > 1 and self.model.bottleneck is None:
+            raise ValueError(
+                f"search_step_fn: k={k} needs a model.bottleneck (code-bank candidates)"
+            )
+        return functools.partial(self.model.candidates, k=k)
+
+    def ensemble_members(self, x: Tensor) -> Members:
+        """The ``predict_members`` ensemble members of physical inputs ``x`` (see the class doc)."""
+        m = int(self.hparams.predict_members)
+        if m < 2:
+            raise ValueError(f"ensemble_members needs model.predict_members >= 2, got {m}")
+        xn = self.normalize(x)
+        if self.hparams.predict_beam_width == 0:
+            fields = self.model.candidate_rollout(xn, m, self.rollout_steps)
+            return Members(self.denormalize(fields), None)
+        res = search.beam_search(
+            self.search_step_fn(),
+            xn,
+            self.predict_scorer,
+            rollout_steps=self.rollout_steps,
+            beam_width=int(self.hparams.predict_beam_width),
+            top_k=m,
+            to_physical=self.denormalize,
+        )
+        return Members(self.denormalize(res.trajectories), res.scores)
+
+    def compute_loss(
+        self, x: Tensor, y: Tensor, weight: Tensor, train: bool
+    ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """Loss on normalized ``x, y``; returns (loss, parts to log, normalized prediction)."""
         steps = self.rollout_steps if (self.hparams.rollout_loss == "full" or not train) else 1
         out = self.model.rollout(x, steps)
@@ -243,11 +437,15 @@ class ForecastModule(pl.LightningModule):
 
     def loss_for_noise_scale(self, batch: Any) -> Tensor:
         """Scalar training loss of a batch (used by the gradient-noise-scale monitor)."""
-        loss, _, _ = self.compute_loss(self.normalize(batch.x), self.normalize(batch.y), batch.weight, True)
+        loss, _, _ = self.compute_loss(
+            self.normalize(batch.x), self.normalize(batch.y), batch.weight, True
+        )
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        loss, parts, _ = self.compute_loss(self.normalize(batch.x), self.normalize(batch.y), batch.weight, True)
+        loss, parts, _ = self.compute_loss(
+            self.normalize(batch.x), self.normalize(batch.y), batch.weight, True
+        )
         bs = batch.x.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         for name, value in parts.items():
@@ -260,14 +458,23 @@ class ForecastModule(pl.LightningModule):
         loss, _, pred = self.compute_loss(x, y, batch.weight, False)
         pred_phys = self.denormalize(pred)
         metric.update(pred_phys, batch.y)
-        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", batch_size=batch.x.shape[0], sync_dist=True)
+        self.log(
+            f"{prefix}/loss",
+            loss,
+            prog_bar=prefix == "val",
+            batch_size=batch.x.shape[0],
+            sync_dist=True,
+        )
         return StepOutput(loss, batch.x, batch.y, pred_phys)
 
     def validation_step(self, batch: Any, batch_idx: int) -> StepOutput:
         return self._eval_step(batch, self.val_metrics, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> StepOutput:
-        return self._eval_step(batch, self.test_metrics, "test")
+        out = self._eval_step(batch, self.test_metrics, "test")
+        if self.test_ensemble_metrics is not None:
+            self.test_ensemble_metrics.update(self.ensemble_members(batch.x).fields, batch.y)
+        return out
 
     def _log_metrics(self, metric: ForecastMetrics, prefix: str) -> None:
         values = metric.compute()
@@ -279,15 +486,19 @@ class ForecastModule(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics(self.test_metrics, "test")
+        if self.test_ensemble_metrics is not None:
+            values = self.test_ensemble_metrics.compute()
+            self.log_dict({f"test/{k}": v for k, v in values.items()})
+            self.test_ensemble_metrics.reset()
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Prediction:
-        x = self.normalize(batch.x)
-        forecast = self.denormalize(self.model.rollout(x, self.rollout_steps).y)
-        members = None
-        k = self.hparams.predict_members
-        if k > 1:
-            members = self.denormalize(self.model.candidate_rollout(x, k, self.rollout_steps))
-        return Prediction(forecast, members, batch.index)
+        forecast = self.denormalize(
+            self.model.rollout(self.normalize(batch.x), self.rollout_steps).y
+        )
+        if self.hparams.predict_members < 2:
+            return Prediction(forecast, None, batch.index, None)
+        members = self.ensemble_members(batch.x)
+        return Prediction(forecast, members.fields, batch.index, members.scores)
 
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

@@ -18,8 +18,9 @@ quickstart problem at toy size:
   within one grid step, ``|log2(best / predicted)| <= 1``);
 - ``B_noise``: the simple noise scale tr(Σ)/|G|² (McCandlish et al. 2018) at the *end* of the best
   run at the reference batch ``B0`` (the middle of ``--batch-sizes``), from ``--noise-batches``
-  measurements of ``beamvq.tuning.NoiseScaleMonitor.measure`` (ratio of the averaged estimates),
-  unless ``--b-noise`` is given. The noise scale grows as training proceeds (and the Surge peak
+  measurements of ``beamvq.tuning.NoiseScaleMonitor.measure`` (ratio of the averaged estimates:
+  single-batch estimates of |G|² scatter by several times their mean, so it takes ~100 batches
+  to pin the ratio within tens of percent), unless ``--b-noise`` is given. The noise scale grows as training proceeds (and the Surge peak
   with it), so the end-of-run value is what the later, decisive part of a run sees; the running
   EMA the monitor logs during training lags behind it.
 - the rule transfers ``(B0, lr0)`` to the other sizes; square-root (``lr0 sqrt(B / B0)``) and
@@ -54,7 +55,8 @@ from datamodules.synthetic import NavierStokesDataModule
 
 class RunResult(NamedTuple):
     val_mse: float
-    b_noise: float
+    module: ForecastModule
+    datamodule: NavierStokesDataModule
 
 
 def measure_noise_scale(
@@ -84,9 +86,8 @@ def train_once(
     lr: float,
     steps: int,
     seed: int,
-    noise_batches: int,
 ) -> RunResult:
-    """Train one model for ``steps`` steps; validation MSE and (if ``noise_batches``) B_simple."""
+    """Train one model for ``steps`` steps and return its validation MSE."""
     pl.seed_everything(seed, verbose=False)
     dm = NavierStokesDataModule(
         path=str(data_path),
@@ -115,8 +116,7 @@ def train_once(
     trainer.fit(module, datamodule=dm)
     # a second trainer, since the first has validation switched off
     metrics = pl.Trainer(**quiet).validate(module, datamodule=dm, verbose=False)[0]
-    b_noise = measure_noise_scale(module, dm, noise_batches) if noise_batches else math.nan
-    return RunResult(float(metrics["val/mse"]), b_noise)
+    return RunResult(float(metrics["val/mse"]), module, dm)
 
 
 def main() -> None:
@@ -130,7 +130,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1024, help="samples per run (samples)")
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--noise-batches", type=int, default=16)
+    parser.add_argument("--noise-batches", type=int, default=128)
     parser.add_argument("--b-noise", type=float, default=None, help="skip the measurement")
     parser.add_argument(
         "--data", type=Path, default=None, help="NetCDF file (generated if missing)"
@@ -149,26 +149,28 @@ def main() -> None:
     data = args.data or Path(tmp.name) / f"navier_stokes_{args.resolution}.nc"
 
     b0 = args.batch_sizes[1]
-    measure = args.b_noise is None
     losses = np.full((3, len(args.lrs)), np.nan)
-    noise = np.full(len(args.lrs), np.nan)
+    reference_runs: list[RunResult] = []  # seed-0 runs at B0, for the noise measurement
     for i, batch in enumerate(args.batch_sizes):
         steps = args.steps if args.budget == "steps" else max(1, args.samples // batch)
         for j, lr in enumerate(args.lrs):
-            noise_batches = args.noise_batches if (measure and batch == b0) else 0
             runs = [
-                train_once(data, args.resolution, batch, lr, steps, seed, noise_batches)
+                train_once(data, args.resolution, batch, lr, steps, seed)
                 for seed in range(args.seeds)
             ]
             losses[i, j] = np.mean([r.val_mse for r in runs])
-            if noise_batches:
-                noise[j] = np.mean([r.b_noise for r in runs])
+            if batch == b0:
+                reference_runs.append(runs[0])
             print(f"  B={batch:<4d} lr={lr:<8.3g} steps={steps:<5d} val MSE {losses[i, j]:.4g}")
 
     best = [int(np.nanargmin(row)) for row in losses]
     lr0 = args.lrs[best[1]]
-    b_noise = float(noise[best[1]]) if measure else args.b_noise
-    source = "measured at the end of the best B0 run" if measure else "given"
+    if args.b_noise is None:
+        ref = reference_runs[best[1]]
+        b_noise = measure_noise_scale(ref.module, ref.datamodule, args.noise_batches)
+        source = f"measured at the end of the best B0 run, {args.noise_batches} batches"
+    else:
+        b_noise, source = args.b_noise, "given"
     print(f"\nbudget: {args.budget}; reference B0={b0}, lr0={lr0:.3g}")
     print(f"B_noise = {b_noise:.3g} ({source})")
     header = (

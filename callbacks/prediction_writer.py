@@ -6,7 +6,9 @@ Layout (one file, written under a temporary name and renamed, see ``datamodules.
   coordinates ``trajectory`` (the input's sample label) and ``init_time`` (time label of the
   last input frame); ``lead_time`` counts forecast steps from 1 in units of the input's time step;
 * when the module predicts an ensemble, ``<var>_members (sample, member, lead_time, y, x)``,
-  ``<var>_ens_mean`` and ``<var>_ens_spread`` (standard deviation over members);
+  ``<var>_ens_mean`` and ``<var>_ens_spread`` (standard deviation over members); members are
+  code-bank ranks, or, when beam-searched, trajectories best first with their scores in
+  ``member_score (sample, member)``;
 * the input's ``y``/``x`` coordinates and variable attributes (units, long_name) carried over;
   global ``history`` names the command and the checkpoint.
 """
@@ -48,7 +50,11 @@ class NetCDFPredictionWriter(BasePredictionWriter):
         return path
 
     def write_on_epoch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Any, batch_indices: Any
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        predictions: Any,
+        batch_indices: Any,
     ) -> None:
         preds = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
         if not preds:
@@ -58,16 +64,32 @@ class NetCDFPredictionWriter(BasePredictionWriter):
         forecast = torch.cat([p.forecast for p in preds]).float().cpu().numpy()
         index = torch.cat([p.index for p in preds]).cpu().numpy()
         has_members = preds[0].members is not None
-        members = torch.cat([p.members for p in preds]).float().cpu().numpy() if has_members else None
-        ds = self.build_dataset(dm, forecast, index, members, trainer.ckpt_path)
+        members = (
+            torch.cat([p.members for p in preds]).float().cpu().numpy() if has_members else None
+        )
+        has_scores = getattr(preds[0], "member_scores", None) is not None
+        scores = (
+            torch.cat([p.member_scores for p in preds]).float().cpu().numpy()
+            if has_scores
+            else None
+        )
+        ds = self.build_dataset(dm, forecast, index, members, trainer.ckpt_path, scores)
         path = write_netcdf(ds, self._path(trainer))
         log.info("wrote %d forecasts to %s", forecast.shape[0], path)
 
     @staticmethod
     def build_dataset(
-        dm: Any, forecast: np.ndarray, index: np.ndarray, members: np.ndarray | None, ckpt: str | None
+        dm: Any,
+        forecast: np.ndarray,
+        index: np.ndarray,
+        members: np.ndarray | None,
+        ckpt: str | None,
+        member_scores: np.ndarray | None = None,
     ) -> xr.Dataset:
-        """The CF dataset for ``forecast (S, T, C, H, W)`` of windows ``index`` of the predict split."""
+        """The CF dataset for ``forecast (S, T, C, H, W)`` of windows ``index`` of the predict split;
+        ``members (S, M, T, C, H, W)`` and their beam-search ``member_scores (S, M)`` optional."""
+        searched = member_scores is not None
+        kind = "beam-searched trajectories, best first" if searched else "code-bank candidates"
         info = dm.window_info(dm.predict_split, index)
         n_lead = forecast.shape[1]
         time = dm.coords[dm.time_dim].values
@@ -75,24 +97,71 @@ class NetCDFPredictionWriter(BasePredictionWriter):
         lead = np.arange(1, n_lead + 1) * step
         coords: dict[str, Any] = {
             "sample": ("sample", np.arange(forecast.shape[0]), {"long_name": "forecast window"}),
-            "trajectory": ("sample", info.sample, {"long_name": "sample (trajectory) of the input"}),
-            "init_time": ("sample", info.init_time, dict(dm.coords[dm.time_dim].attrs, long_name="time of the last input frame")),
-            "lead_time": ("lead_time", lead, {"long_name": "forecast lead time", "units": dm.coords[dm.time_dim].attrs.get("units", "time steps")}),
+            "trajectory": (
+                "sample",
+                info.sample,
+                {"long_name": "sample (trajectory) of the input"},
+            ),
+            "init_time": (
+                "sample",
+                info.init_time,
+                dict(dm.coords[dm.time_dim].attrs, long_name="time of the last input frame"),
+            ),
+            "lead_time": (
+                "lead_time",
+                lead,
+                {
+                    "long_name": "forecast lead time",
+                    "units": dm.coords[dm.time_dim].attrs.get("units", "time steps"),
+                },
+            ),
         }
         for dim, new in ((dm.y_dim, "y"), (dm.x_dim, "x")):
             if dim in dm.coords:
                 coords[new] = (new, dm.coords[dim].values, dict(dm.coords[dim].attrs))
         data_vars: dict[str, Any] = {}
         for c, name in enumerate(dm.variables):
-            attrs = {k: v for k, v in dm.var_attrs.get(name, {}).items() if k in ("units", "long_name", "standard_name")}
+            attrs = {
+                k: v
+                for k, v in dm.var_attrs.get(name, {}).items()
+                if k in ("units", "long_name", "standard_name")
+            }
             data_vars[name] = (("sample", "lead_time", "y", "x"), forecast[:, :, c], attrs)
             if members is not None:
                 m = members[:, :, :, c]
-                data_vars[f"{name}_members"] = (("sample", "member", "lead_time", "y", "x"), m, dict(attrs, long_name=f"{attrs.get('long_name', name)} ensemble members (code-bank candidates)"))
-                data_vars[f"{name}_ens_mean"] = (("sample", "lead_time", "y", "x"), m.mean(1), dict(attrs, long_name=f"{attrs.get('long_name', name)} ensemble mean"))
-                data_vars[f"{name}_ens_spread"] = (("sample", "lead_time", "y", "x"), m.std(1), dict(attrs, long_name=f"{attrs.get('long_name', name)} ensemble spread (std over members)"))
+                data_vars[f"{name}_members"] = (
+                    ("sample", "member", "lead_time", "y", "x"),
+                    m,
+                    dict(
+                        attrs, long_name=f"{attrs.get('long_name', name)} ensemble members ({kind})"
+                    ),
+                )
+                data_vars[f"{name}_ens_mean"] = (
+                    ("sample", "lead_time", "y", "x"),
+                    m.mean(1),
+                    dict(attrs, long_name=f"{attrs.get('long_name', name)} ensemble mean"),
+                )
+                data_vars[f"{name}_ens_spread"] = (
+                    ("sample", "lead_time", "y", "x"),
+                    m.std(1),
+                    dict(
+                        attrs,
+                        long_name=f"{attrs.get('long_name', name)} ensemble spread (std over members)",
+                    ),
+                )
         if members is not None:
-            coords["member"] = ("member", np.arange(members.shape[1]), {"long_name": "ensemble member (code-bank rank)"})
+            what = "beam-search rank" if searched else "code-bank rank"
+            coords["member"] = (
+                "member",
+                np.arange(members.shape[1]),
+                {"long_name": f"ensemble member ({what})"},
+            )
+            if searched:
+                data_vars["member_score"] = (
+                    ("sample", "member"),
+                    member_scores,
+                    {"long_name": "beam-search score of the member (higher is better)"},
+                )
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         return xr.Dataset(
             data_vars,

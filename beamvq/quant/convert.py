@@ -80,7 +80,10 @@ def walk_layers(
                 yield name, child, child_skip
             yield from visit(child, name, child_skip)
 
-    yield from visit(model, "", is_bottleneck(model, ""))
+    root_skip = is_bottleneck(model, "")
+    if type(model) in layer_types:
+        yield "", model, root_skip
+    yield from visit(model, "", root_skip)
 
 
 def name_filter(

@@ -117,19 +117,36 @@ def convert_float8(
     recipe: str = "tensorwise",
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    simulate_conv: bool = False,
 ) -> ConversionReport:
-    """Real FP8 (torchao) where ``device`` supports it, else the simulated recipe, with a warning."""
+    """Real FP8 (torchao) where ``device`` supports it, else the simulated recipe, with a warning.
+
+    ``simulate_conv``: torchao has no FP8 convolution; also convert Conv layers to the simulated
+    recipe, so that convolutional backbones train in (simulated) FP8 as well.
+    """
     sim = simulated_recipe(recipe)
     reason = float8_unavailable_reason(device)
     if reason is None:
-        return convert_torchao_float8(model, recipe, include, exclude)
-    log.warning(
-        "Real FP8 training is not available (%s); simulating the torchao %s recipe (%s) instead.",
-        reason,
-        recipe,
-        sim.describe(),
+        report = convert_torchao_float8(model, recipe, include, exclude)
+    else:
+        log.warning(
+            "Real FP8 training is not available (%s); simulating the torchao %s recipe (%s) "
+            "instead.",
+            reason,
+            recipe,
+            sim.describe(),
+        )
+        report = convert_to_quantized(
+            model, sim, include, exclude, linear=True, conv=False, divisible_by=FP8_ALIGNMENT
+        )._replace(backend=f"simulated-{recipe}")
+    if not simulate_conv:
+        return report
+    conv = convert_to_quantized(model, sim, include, exclude, linear=False, conv=True)
+    if conv.converted:
+        log.info("Convolutions in simulated FP8 (%s): %s", recipe, conv.converted)
+    return ConversionReport(
+        f"{report.backend}+simulated-conv",
+        report.converted + conv.converted,
+        list(dict.fromkeys(report.skipped_bottleneck + conv.skipped_bottleneck)),
+        list(dict.fromkeys(report.filtered + conv.filtered)),
     )
-    report = convert_to_quantized(
-        model, sim, include, exclude, linear=True, conv=False, divisible_by=FP8_ALIGNMENT
-    )
-    return report._replace(backend=f"simulated-{recipe}")

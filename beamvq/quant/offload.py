@@ -110,6 +110,7 @@ class _Handle:
         "dtype",
         "uses",
         "cache",
+        "version",
         "__weakref__",
     )
 
@@ -129,6 +130,26 @@ class _Handle:
         self.dtype = tensor.dtype
         self.uses = 0
         self.cache: Tensor | None = None
+        # detach() shares the version counter: in-place changes after the save are visible
+        self.version = tensor._version
+
+
+_INPLACE_ERROR = (
+    "one of the variables needed for gradient computation has been modified by an inplace "
+    "operation (seen by the beamvq activation-offload hooks)"
+)
+
+
+class _Kept(NamedTuple):
+    """A tensor left on the device, with the version it had when autograd saved it."""
+
+    tensor: Tensor
+    version: int
+
+    def get(self) -> Tensor:
+        if self.tensor._version != self.version:
+            raise RuntimeError(_INPLACE_ERROR)
+        return self.tensor
 
 
 class _ViewOf(NamedTuple):
@@ -205,7 +226,7 @@ class _Frame:
         index = self.pack_count
         self.pack_count += 1
         if self.counters.is_param(t):
-            return t.detach()
+            return _Kept(t.detach(), t._version)
         # ops often save views (e.g. the 2-D fold of a 3-D input): move the base once and
         # rebuild each view from it
         base = t._base if type(t) is torch.Tensor and t._base is not None else t
@@ -231,6 +252,8 @@ class _Frame:
         for handle in self.pending:
             t = handle.tensor
             assert t is not None
+            if t._version != handle.version:
+                raise RuntimeError(_INPLACE_ERROR)
             key = _storage_key(t)[0]
             if key in alive or t.dim() == 0 or t.numel() == 0 or not _owns_storage(t):
                 self.counters.keep(t)
@@ -262,10 +285,12 @@ class _Frame:
             return self._resolve(packed.handle).as_strided(packed.size, packed.stride, packed.offset)
         if isinstance(packed, _Handle):
             return self._resolve(packed)
-        return packed
+        return packed.get()
 
     def _resolve(self, handle: _Handle) -> Tensor:
         if handle.tensor is not None:
+            if handle.tensor._version != handle.version:
+                raise RuntimeError(_INPLACE_ERROR)
             return handle.tensor
         self._prefetch_previous()
         if handle.cache is not None:
@@ -441,13 +466,13 @@ class ActivationOffload:
                 installed.append((module, module.__dict__.get("forward")))
                 module.forward = self._frame_forward(module, module.forward, counters)
 
-        def pack(t: Tensor) -> Tensor:
+        def pack(t: Tensor) -> _Kept:
             if not counters.is_param(t):
                 counters.keep(t)
-            return t.detach()
+            return _Kept(t.detach(), t._version)
 
         try:
-            with saved_tensors_hooks(pack, lambda t: t):
+            with saved_tensors_hooks(pack, _Kept.get):
                 yield
         finally:
             for module, previous in installed:

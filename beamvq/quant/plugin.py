@@ -62,7 +62,8 @@ class QuantPrecision(Precision):
         granularity: ``"none"``, ``"tensor"``, ``"channel"`` or ``"block"`` scaling.
         block_size: elements per scale for ``"block"``.
         scale_pow2: round scales down to powers of two.
-        quantize_conv: also convert Conv/ConvTranspose layers (``"simulate"`` only).
+        quantize_conv: also convert Conv/ConvTranspose layers; with ``"torchao"`` (which has no
+            FP8 convolution) they run the simulated torchao recipe.
         torchao_recipe: ``"tensorwise"``, ``"rowwise"`` or ``"rowwise_with_gw_hp"``.
         include, exclude: regular expressions on qualified layer names.
         offload_alpha: fraction of each saved activation offloaded (rest recomputed);
@@ -126,7 +127,7 @@ class QuantPrecision(Precision):
                     else torch.device("cpu")
                 )
             self.report = convert_float8(
-                module, device, self.torchao_recipe, self.include, self.exclude
+                module, device, self.torchao_recipe, self.include, self.exclude, self.quantize_conv
             )
         else:
             self.report = ConversionReport("none", [], [], [])

@@ -1,0 +1,550 @@
+"""BeamVQ self-training: beam search over the rollout, metric filter, self-ensemble, pool growth.
+
+BeamVQ (arXiv 2405.17051, 2502.18925), stage 3: after the base forecaster has trained (stage 1),
+its code bank gives K alternative futures per step (stage 2); a beam search over the
+autoregressive rollout keeps the trajectories a domain metric prefers, the best ``top_k`` are
+combined into one pseudo-target (self-ensemble), and the (input, pseudo-target) pairs join the
+training set, epoch after epoch. This callback only orchestrates: the search and the ensemble are
+the pure functions of ``beamvq.search``, the scorers those of ``beamvq.metrics``, and the
+augmented pool (capped, checkpointed) belongs to the datamodule.
+
+Choices the papers leave open, and ours:
+
+- When: at the end of training epoch ``e`` when ``e >= start_epoch`` and ``(e - start_epoch)`` is
+  a multiple of ``every_n_epochs``; never at the last epoch of the fit (no epoch would train on
+  it) nor when the trainer is stopping. The search runs after validation and before the
+  epoch-end checkpoint, so a checkpoint holds the pool the next epoch trains on.
+- What: ``max_windows`` training windows, a subset drawn afresh each epoch (seeded by
+  ``seed`` and the epoch, so a resumed run draws the same ones), through
+  ``datamodule.training_windows`` only: never validation or test data. Optionally
+  ``unlabelled_windows`` inputs with no recorded future (the last inputs of each training
+  trajectory, whose future runs past the frames of its training windows; every input frame is
+  a frame those windows already hold), which need a reference-free scorer.
+- How: the module in eval mode under ``no_grad`` (the EMA code bank must not move; train mode is
+  restored afterwards); each rank searches its share of the windows and the accepted samples are
+  gathered, so every DDP rank adds the same samples in the same order.
+- Filter: with ``only_improving`` a sample is kept only if its ensemble scores higher than the
+  plain (nearest-code) forecast by more than ``margin`` on the same scorer, both scored step by
+  step exactly as the search scores (``beamvq.search.score_trajectories``); non-finite
+  pseudo-targets are always dropped. The pool stores the ensemble's score (the datamodule's
+  ``"worst"`` policy drops the lowest; with two scorers of different scales prefer ``"oldest"``).
+- Pseudo-targets are physical fields of the whole horizon ``rollout_steps × T_out``, the shape of
+  real targets.
+- ``trainer.reload_dataloaders_every_n_epochs`` must be 1: the training loader is rebuilt each
+  epoch (cheap: the data are in memory), so new pool samples are trained on from the next epoch
+  on. Any other value would skip or delay them depending on how the two periods align.
+
+Logged each search epoch: ``augment/num_added``, ``augment/num_accepted``, ``augment/pool_size``,
+``augment/score_gain`` (mean over searched samples of ensemble score - plain forecast score),
+``augment/search_seconds``, ``augment/train_seconds`` (the epoch's wall time without
+validation) and ``augment/search_to_train`` (their ratio); ``history`` keeps them per epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import xarray as xr
+from einops import rearrange
+from pytorch_lightning.utilities import rank_zero_info
+from torch import Tensor
+
+from beamvq import search
+from beamvq.metrics import Scorer
+from datamodules.io import write_netcdf
+
+log = logging.getLogger(__name__)
+
+_ENSEMBLE = ("mean", "weighted")
+_ACCUMULATE = ("mean", "sum")
+
+
+class SearchOutput(NamedTuple):
+    """Search results for N inputs (physical): pseudo-targets ``(N, T, C, H, W)``, the ensemble's
+    and the plain forecast's scores ``(N,)`` and whether each sample is accepted ``(N,)``."""
+
+    pseudo: Tensor
+    ensemble_score: Tensor
+    plain_score: Tensor
+    accepted: Tensor
+
+
+class Shard(NamedTuple):
+    """One rank's share of N items: ``positions`` into the N (padded to the same length on every
+    rank by repeating item 0) and ``valid`` marking the real ones."""
+
+    positions: Tensor
+    valid: Tensor
+
+
+class Accepted(NamedTuple):
+    """The samples one search epoch accepted, identical on every rank: physical inputs ``x``,
+    pseudo-targets ``pseudo``, ensemble scores ``score``; how many inputs were searched over all
+    ranks and the mean score gain of the ensemble over the plain forecast."""
+
+    x: Tensor
+    pseudo: Tensor
+    score: Tensor
+    searched: int
+    gain: float
+
+
+class EpochRecord(NamedTuple):
+    """What one search epoch did (the numbers the callback logs)."""
+
+    epoch: int
+    searched: int
+    accepted: int
+    added: int
+    pool_size: int
+    score_gain: float
+    search_seconds: float
+    train_seconds: float
+
+
+def shard(n: int, rank: int, world_size: int) -> Shard:
+    """Round-robin share of ``n`` items for ``rank``, padded to ``ceil(n / world_size)``."""
+    per_rank = math.ceil(n / world_size) if n else 0
+    positions = torch.arange(per_rank, dtype=torch.long) * world_size + rank
+    valid = positions < n
+    return Shard(torch.where(valid, positions, torch.zeros_like(positions)), valid)
+
+
+def merge_gathered(order_key: Tensor, keep: Tensor, *tensors: Tensor) -> list[Tensor]:
+    """Keep the rows of gathered tensors where ``keep``, sorted by ``order_key``.
+
+    After an all-gather the rows arrive rank by rank; sorting by the items' global position makes
+    the result independent of the world size, so every rank adds the same samples in the same
+    order (and a 2-rank run adds what a 1-rank run would).
+    """
+    rows = torch.nonzero(keep, as_tuple=False).flatten()
+    rows = rows[torch.argsort(order_key[rows], stable=True)]
+    return [t[rows] for t in tensors]
+
+
+def future_free_starts(starts: np.ndarray, target_steps: int) -> np.ndarray:
+    """Start indices ``(M, 2)`` of (sample, t0) inputs that have no training target.
+
+    ``starts`` are a split's window starts ``(sample, t0)``. Per sample, the inputs starting
+    after its last window start ``t_last`` and at most ``target_steps`` later end no later than
+    that window's last frame (``t_last + in_steps + target_steps - 1``): their frames are all in
+    the split, their futures are not.
+    """
+    out = []
+    for s in np.unique(starts[:, 0]):
+        t_last = int(starts[starts[:, 0] == s, 1].max())
+        t0 = np.arange(t_last + 1, t_last + target_steps + 1)
+        out.append(np.stack([np.full_like(t0, s), t0], axis=1))
+    if not out:
+        return np.zeros((0, 2), dtype=np.int64)
+    return np.concatenate(out).astype(np.int64)
+
+
+def pool_dataset(dm: Any) -> xr.Dataset:
+    """The datamodule's augmented pool as a CF-style dataset for inspection.
+
+    ``<var>_input (pool, input_time, y, x)``, ``<var>_pseudo_target (pool, lead_time, y, x)``,
+    ``score (pool)`` and ``age (pool)`` (order of addition), physical units.
+    """
+    n = int(dm.pool_size)
+    if n == 0:
+        raise ValueError("pool_dataset: the datamodule's pool is empty; nothing to write")
+    x = dm.pool_x.float().numpy()
+    y = dm.pool_y.float().numpy()
+    coords: dict[str, Any] = {
+        "pool": ("pool", np.arange(n), {"long_name": "pool sample"}),
+        "input_time": (
+            "input_time",
+            np.arange(-x.shape[1] + 1, 1),
+            {"long_name": "input frame, 0 = last input frame", "units": "time steps"},
+        ),
+        "lead_time": (
+            "lead_time",
+            np.arange(1, y.shape[1] + 1),
+            {"long_name": "forecast lead time", "units": "time steps"},
+        ),
+    }
+    for dim, new in ((dm.y_dim, "y"), (dm.x_dim, "x")):
+        if dim in dm.coords:
+            coords[new] = (new, dm.coords[dim].values, dict(dm.coords[dim].attrs))
+    data_vars: dict[str, Any] = {
+        "score": ("pool", dm.pool_score.float().numpy(), {"long_name": "ensemble score"}),
+        "age": ("pool", dm.pool_age.numpy(), {"long_name": "order of addition to the pool"}),
+    }
+    for c, name in enumerate(dm.variables):
+        attrs = {
+            k: v
+            for k, v in dm.var_attrs.get(name, {}).items()
+            if k in ("units", "long_name", "standard_name")
+        }
+        data_vars[f"{name}_input"] = (("pool", "input_time", "y", "x"), x[:, :, c], attrs)
+        data_vars[f"{name}_pseudo_target"] = (("pool", "lead_time", "y", "x"), y[:, :, c], attrs)
+    return xr.Dataset(
+        data_vars,
+        coords=coords,
+        attrs={
+            "title": "beamvq augmented pool (BeamVQ self-training pseudo-targets)",
+            "Conventions": "CF-1.8",
+            "source": f"beam-searched self-ensembles of forecasts on {dm.path}",
+        },
+    )
+
+
+class BeamSearchAugmentation(pl.Callback):
+    """Grow the training set with beam-searched, filtered, self-ensembled pseudo-targets.
+
+    Args:
+        scorer: a ``beamvq.metrics.Scorer`` (YAML ``class_path``), higher is better: e.g.
+            ``CSIScorer`` for storms, ``NegMSEScorer`` or a ``WeightedScorer`` with physics scorers
+            for fluids. A scorer with ``fit`` is fitted once on training-split targets.
+        every_n_epochs: search every n-th epoch from ``start_epoch`` on.
+        start_epoch: first epoch (0-based) whose end runs a search: the base model trains first.
+        max_windows: training windows searched per epoch (``None``: all of them).
+        beam_width: beams kept between rollout steps.
+        top_k: trajectories combined into each pseudo-target.
+        candidate_k: code-bank candidates per beam and step; ``None`` takes the module's
+            ``candidate_k``.
+        accumulate: ``"mean"`` or ``"sum"`` of per-step scores (see ``beamvq.search``).
+        ensemble: ``"mean"`` or ``"weighted"`` (softmax of scores / ``temperature``).
+        temperature: softmax temperature of the weighted ensemble.
+        only_improving: keep only samples whose ensemble beats the plain forecast.
+        margin: how much it must beat it by (scorer units).
+        unlabelled_windows: inputs with no recorded future searched per epoch (0: none).
+        unlabelled_scorer: reference-free scorer for those; ``None`` uses ``scorer``, which must
+            then be reference-free.
+        fit_windows: training windows whose targets fit the scorers (``None``: all).
+        search_batch_size: inputs searched at once (memory: × beams × K forecasts).
+        seed: seed of the per-epoch window subsets.
+        pool_output: NetCDF path where rank 0 writes the pool after each search (``None``: off).
+    """
+
+    def __init__(
+        self,
+        scorer: Scorer,
+        every_n_epochs: int = 1,
+        start_epoch: int = 1,
+        max_windows: int | None = 64,
+        beam_width: int = 4,
+        top_k: int = 2,
+        candidate_k: int | None = None,
+        accumulate: str = "mean",
+        ensemble: str = "mean",
+        temperature: float = 1.0,
+        only_improving: bool = True,
+        margin: float = 0.0,
+        unlabelled_windows: int = 0,
+        unlabelled_scorer: Scorer | None = None,
+        fit_windows: int | None = 256,
+        search_batch_size: int = 16,
+        seed: int = 0,
+        pool_output: str | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("every_n_epochs", every_n_epochs),
+            ("beam_width", beam_width),
+            ("top_k", top_k),
+            ("search_batch_size", search_batch_size),
+        ):
+            if int(value) < 1:
+                raise ValueError(f"BeamSearchAugmentation: {name} must be >= 1, got {value}")
+        for name, value in (
+            ("max_windows", max_windows),
+            ("candidate_k", candidate_k),
+            ("fit_windows", fit_windows),
+        ):
+            if value is not None and int(value) < 1:
+                raise ValueError(
+                    f"BeamSearchAugmentation: {name} must be >= 1 or None, got {value}"
+                )
+        if start_epoch < 0 or unlabelled_windows < 0:
+            raise ValueError(
+                "BeamSearchAugmentation: start_epoch and unlabelled_windows must be >= 0, got "
+                f"{start_epoch} and {unlabelled_windows}"
+            )
+        if accumulate not in _ACCUMULATE:
+            raise ValueError(f"BeamSearchAugmentation: accumulate must be one of {_ACCUMULATE}")
+        if ensemble not in _ENSEMBLE:
+            raise ValueError(f"BeamSearchAugmentation: ensemble must be one of {_ENSEMBLE}")
+        if temperature <= 0:
+            raise ValueError(f"BeamSearchAugmentation: temperature must be > 0, got {temperature}")
+        free_scorer = unlabelled_scorer if unlabelled_scorer is not None else scorer
+        if unlabelled_windows > 0 and getattr(free_scorer, "requires_reference", False):
+            raise ValueError(
+                "BeamSearchAugmentation: unlabelled_windows > 0 needs a reference-free scorer "
+                f"(the inputs have no recorded future), but {type(free_scorer).__name__} needs "
+                "one: set unlabelled_scorer (e.g. SpectrumScorer, TKEScorer)"
+            )
+        self.scorer = scorer
+        self.unlabelled_scorer = free_scorer
+        self.every_n_epochs = int(every_n_epochs)
+        self.start_epoch = int(start_epoch)
+        self.max_windows = None if max_windows is None else int(max_windows)
+        self.beam_width = int(beam_width)
+        self.top_k = int(top_k)
+        self.candidate_k = None if candidate_k is None else int(candidate_k)
+        self.accumulate = accumulate
+        self.ensemble = ensemble
+        self.temperature = float(temperature)
+        self.only_improving = bool(only_improving)
+        self.margin = float(margin)
+        self.unlabelled_windows = int(unlabelled_windows)
+        self.fit_windows = None if fit_windows is None else int(fit_windows)
+        self.search_batch_size = int(search_batch_size)
+        self.seed = int(seed)
+        self.pool_output = pool_output
+        self.history: list[EpochRecord] = []
+        self._scorers_fitted = False
+        self._epoch_start = 0.0
+        self._val_start: float | None = None
+        self._val_seconds = 0.0
+
+    # -- checks ---------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if trainer.reload_dataloaders_every_n_epochs != 1:
+            raise ValueError(
+                "BeamSearchAugmentation grows the training set each epoch: set "
+                "trainer.reload_dataloaders_every_n_epochs: 1 (got "
+                f"{trainer.reload_dataloaders_every_n_epochs})"
+            )
+        dm = trainer.datamodule
+        missing = [
+            name
+            for name in ("training_windows", "add_to_pool", "pool_size", "normalization")
+            if not hasattr(dm, name)
+        ]
+        if dm is None or missing:
+            raise TypeError(
+                "BeamSearchAugmentation needs a datamodule with the augmented-pool API "
+                f"(datamodules.netcdf.NetCDFDataModule); {type(dm).__name__} lacks {missing}"
+            )
+        for name in ("search_step_fn", "normalize", "denormalize", "rollout_steps"):
+            if not hasattr(pl_module, name):
+                raise TypeError(
+                    f"BeamSearchAugmentation needs a beamvq.module.ForecastModule; "
+                    f"{type(pl_module).__name__} has no {name}"
+                )
+        k = self._k(pl_module)
+        bottleneck = getattr(pl_module.model, "bottleneck", None)
+        if k < 2 or bottleneck is None:
+            raise ValueError(
+                "BeamSearchAugmentation needs a model.bottleneck and candidate_k >= 2 (the beams "
+                f"expand into code-bank candidates); got candidate_k={k}, bottleneck={bottleneck}"
+            )
+        steps = int(pl_module.rollout_steps)
+        final = k * min(self.beam_width, k ** (steps - 1))
+        if self.top_k > final:
+            raise ValueError(
+                f"BeamSearchAugmentation: top_k={self.top_k} exceeds the {final} trajectories of "
+                f"the last step (beam_width={self.beam_width}, candidate_k={k}, "
+                f"rollout_steps={steps})"
+            )
+
+    def _k(self, pl_module: pl.LightningModule) -> int:
+        return int(self.candidate_k or pl_module.hparams.candidate_k)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._scorers_fitted:
+            return
+        scorers = list({id(s): s for s in (self.scorer, self.unlabelled_scorer)}.values())
+        to_fit = [s for s in scorers if callable(getattr(s, "fit", None))]
+        if to_fit:
+            _, _, y = trainer.datamodule.training_windows(
+                max_windows=self.fit_windows, seed=self.seed
+            )
+            for s in to_fit:
+                s.fit(y)
+            rank_zero_info(
+                f"BeamSearchAugmentation: fitted {[type(s).__name__ for s in to_fit]} on "
+                f"{y.shape[0]} training targets"
+            )
+        self._scorers_fitted = True
+
+    # -- timing of the training epoch -------------------------------------------------------------
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+        self._val_seconds = 0.0
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._val_start is not None:
+            self._val_seconds += time.perf_counter() - self._val_start
+            self._val_start = None
+
+    # -- the search -----------------------------------------------------------------------------
+    def due(self, trainer: pl.Trainer) -> bool:
+        """Whether the end of the current epoch runs a search."""
+        epoch = trainer.current_epoch
+        if trainer.sanity_checking or trainer.should_stop or epoch < self.start_epoch:
+            return False
+        if (epoch - self.start_epoch) % self.every_n_epochs:
+            return False
+        max_epochs = trainer.max_epochs
+        return not (max_epochs is not None and max_epochs > 0 and epoch + 1 >= max_epochs)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        train_seconds = time.perf_counter() - self._epoch_start - self._val_seconds
+        if not self.due(trainer):
+            return
+        dm = trainer.datamodule
+        start = time.perf_counter()
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad():
+                gathered = self._search_epoch(trainer, pl_module)
+        finally:
+            pl_module.train(was_training)
+        x, pseudo, score, n_searched, gain = gathered
+        added = dm.add_to_pool(x, pseudo, score) if x.shape[0] else 0
+        search_seconds = time.perf_counter() - start
+        record = EpochRecord(
+            epoch=trainer.current_epoch,
+            searched=n_searched,
+            accepted=int(x.shape[0]),
+            added=int(added),
+            pool_size=int(dm.pool_size),
+            score_gain=gain,
+            search_seconds=search_seconds,
+            train_seconds=train_seconds,
+        )
+        self.history.append(record)
+        ratio = search_seconds / train_seconds if train_seconds > 0 else float("nan")
+        values = {
+            "augment/num_added": float(record.added),
+            "augment/num_accepted": float(record.accepted),
+            "augment/pool_size": float(record.pool_size),
+            "augment/score_gain": record.score_gain,
+            "augment/search_seconds": search_seconds,
+            "augment/train_seconds": train_seconds,
+            "augment/search_to_train": ratio,
+        }
+        for name, value in values.items():
+            pl_module.log(name, value, on_step=False, on_epoch=True)
+        rank_zero_info(
+            f"BeamSearchAugmentation epoch {record.epoch}: searched {n_searched}, accepted "
+            f"{record.accepted}, added {record.added}, pool {record.pool_size}, gain "
+            f"{gain:.4g}, search {search_seconds:.2f}s = {ratio:.3f} x the training epoch"
+        )
+        if self.pool_output and trainer.is_global_zero and dm.pool_size:
+            write_netcdf(pool_dataset(dm), self.pool_output)
+
+    def _search_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Accepted:
+        """Search this rank's share of the epoch's inputs, gather over ranks, keep the accepted."""
+        dm = trainer.datamodule
+        epoch = trainer.current_epoch
+        device = pl_module.device
+        rank, world = trainer.global_rank, trainer.world_size
+        _, x_lab, y_lab = dm.training_windows(
+            max_windows=self.max_windows, seed=self.seed + 1_000_003 * epoch
+        )
+        x_free = self.unlabelled_inputs(dm, epoch)
+        parts = []
+        # labelled windows first, then unlabelled inputs: one global order for the gather
+        for offset, x_all, y_all, scorer in (
+            (0, x_lab, y_lab, self.scorer),
+            (x_lab.shape[0], x_free, None, self.unlabelled_scorer),
+        ):
+            if x_all.shape[0] == 0:
+                continue
+            mine = shard(x_all.shape[0], rank, world)
+            x_mine = x_all[mine.positions].to(device)
+            y_mine = None if y_all is None else y_all[mine.positions].to(device)
+            out = self.search(pl_module, x_mine, y_mine, scorer)
+            parts.append(
+                (
+                    (mine.positions + offset).to(device),
+                    mine.valid.to(device),
+                    x_mine,
+                    out,
+                )
+            )
+        if not parts:
+            empty = torch.empty(0)
+            return Accepted(empty, empty, empty, 0, float("nan"))
+        key = torch.cat([p[0] for p in parts])
+        valid = torch.cat([p[1] for p in parts])
+        x = torch.cat([p[2] for p in parts])
+        pseudo = torch.cat([p[3].pseudo for p in parts])
+        ens = torch.cat([p[3].ensemble_score for p in parts])
+        plain = torch.cat([p[3].plain_score for p in parts])
+        accepted = torch.cat([p[3].accepted for p in parts]) & valid
+        flags = torch.stack([valid.float(), accepted.float()], dim=1)
+        if world > 1:
+            key, flags, x, pseudo, ens, plain = (
+                rearrange(trainer.strategy.all_gather(t), "w n ... -> (w n) ...")
+                for t in (key, flags, x, pseudo, ens, plain)
+            )
+        valid, accepted = flags[:, 0] > 0, flags[:, 1] > 0
+        gain_all = (ens - plain)[valid]
+        finite = torch.isfinite(gain_all)
+        gain = float(gain_all[finite].mean()) if bool(finite.any()) else float("nan")
+        x, pseudo, ens = merge_gathered(key, accepted, x, pseudo, ens)
+        return Accepted(x, pseudo, ens, int(valid.sum()), gain)
+
+    def unlabelled_inputs(self, dm: Any, epoch: int) -> Tensor:
+        """Up to ``unlabelled_windows`` physical inputs with no recorded future (training split).
+
+        Built from the public ``data``/``starts`` of ``dm.dataset("train")``: only rows of
+        training samples are read, and only frames the training windows already hold.
+        """
+        if self.unlabelled_windows == 0:
+            return torch.empty(0)
+        ds = dm.dataset("train")
+        starts = future_free_starts(np.asarray(ds.starts), ds.target_steps)
+        if len(starts) > self.unlabelled_windows:
+            rng = np.random.default_rng([self.seed, epoch, 1])
+            starts = starts[
+                np.sort(rng.choice(len(starts), self.unlabelled_windows, replace=False))
+            ]
+        if len(starts) == 0:
+            return torch.empty(0)
+        x = np.stack([ds.data[s, t0 : t0 + ds.in_steps] for s, t0 in starts])
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+    def search(
+        self, pl_module: pl.LightningModule, x: Tensor, y: Tensor | None, scorer: Scorer
+    ) -> SearchOutput:
+        """Beam search + self-ensemble + filter for physical inputs ``x`` (and targets ``y``).
+
+        Call in eval mode under ``no_grad``. Searched ``search_batch_size`` inputs at a time.
+        """
+        step_fn: Callable[[Tensor], Tensor] = pl_module.search_step_fn(self._k(pl_module))
+        to_phys = pl_module.denormalize
+        steps = int(pl_module.rollout_steps)
+        outs = []
+        for i in range(0, x.shape[0], self.search_batch_size):
+            xb = pl_module.normalize(x[i : i + self.search_batch_size])
+            ref = None if y is None else y[i : i + self.search_batch_size]
+            res = search.beam_search(
+                step_fn, xb, scorer, steps, self.beam_width, self.top_k,
+                reference=ref, to_physical=to_phys, accumulate=self.accumulate,
+            )  # fmt: skip
+            ens = search.ensemble(res.trajectories, res.scores, self.ensemble, self.temperature)
+            plain = pl_module.model.rollout(xb, steps).y
+            both = torch.stack([ens, plain], dim=1)
+            scored = search.score_trajectories(
+                scorer, xb, both, steps, reference=ref, to_physical=to_phys,
+                accumulate=self.accumulate,
+            )  # fmt: skip
+            ens_score, plain_score = scored.scores[:, 0], scored.scores[:, 1]
+            pseudo = to_phys(ens)
+            ok = torch.isfinite(rearrange(pseudo, "b ... -> b (...)")).all(1)
+            if self.only_improving:
+                ok = ok & search.select_improving(ens_score, plain_score, self.margin)
+            outs.append(SearchOutput(pseudo, ens_score, plain_score, ok))
+        if not outs:
+            raise ValueError("BeamSearchAugmentation.search: no inputs")
+        return SearchOutput(*(torch.cat(parts) for parts in zip(*outs)))

@@ -1,0 +1,119 @@
+"""A memory-mapped cache for NetCDF archives larger than RAM.
+
+The first run converts the selected variables, levels, box and times once into one float32
+``.npy`` file of shape ``(sample, time, channel, y, x)`` (the NumPy format: a small header, then
+the raw C-ordered array, so ``np.load(mmap_mode="r")`` maps it without reading it). Reading a
+window is then a contiguous slice served by the page cache, with no decoding and no NetCDF handle.
+
+Layout of one entry, ``<cache_dir>/<stem>-<key>/``:
+
+- ``data.npy``: the array;
+- ``stats.npz``: per-frame statistics gathered during the conversion (so splits, normalization
+  and NaN checks need no second pass);
+- ``meta.json``: what was converted (files, selection, shape), for people reading the folder.
+
+The key hashes the files' absolute paths, sizes and modification times and the selection, so a
+changed file or selection gets a new entry and a stale one is never used. An entry is written in
+a temporary folder and renamed into place (atomic on POSIX): a folder that exists is complete,
+and two processes converting at once (several nodes on a shared filesystem) leave one good copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# bump when the file layout changes, so old entries are not read with new code
+CACHE_VERSION = 1
+
+
+class CacheEntry(NamedTuple):
+    """A complete cache entry: the ``.npy`` data file and the per-frame statistics."""
+
+    data_file: Path
+    stats: dict[str, np.ndarray]
+
+
+def cache_key(files: Sequence[tuple[str, np.ndarray]], selection: dict) -> str:
+    """A 16-hex-digit key of the files (path, size, mtime, time positions) and the selection."""
+    h = hashlib.sha256()
+    h.update(f"beamvq-cache-v{CACHE_VERSION}".encode())
+    for path, time_index in files:
+        st = os.stat(path)
+        h.update(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode())
+        h.update(np.ascontiguousarray(time_index, dtype=np.int64).tobytes())
+    h.update(json.dumps(selection, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def entry_dir(root: Path, name: str) -> Path:
+    return Path(root) / name
+
+
+def load_entry(folder: Path) -> CacheEntry:
+    with np.load(folder / "stats.npz") as npz:
+        stats = {k: npz[k] for k in npz.files}
+    return CacheEntry(folder / "data.npy", stats)
+
+
+def ensure_cache(
+    root: Path,
+    name: str,
+    shape: tuple[int, ...],
+    reader: Callable[[np.ndarray], tuple],
+    description: str = "",
+) -> CacheEntry:
+    """Return the entry ``root/name``, converting once with ``reader(out) -> stats`` if absent.
+
+    ``reader`` fills the memory-mapped ``out`` (float32, ``shape``) and returns a NamedTuple of
+    per-frame statistics arrays, stored beside the data.
+    """
+    folder = entry_dir(root, name)
+    if (folder / "data.npy").is_file() and (folder / "stats.npz").is_file():
+        return load_entry(folder)
+    try:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
+    except OSError as err:
+        raise OSError(f"data.cache_dir: cannot create the cache folder {root}: {err}") from err
+    size_gb = float(np.prod(shape)) * 4 / 2**30
+    log.info("converting %s to a memory-mapped cache %s (%.2f GiB)", description, folder, size_gb)
+    start = time.perf_counter()
+    try:
+        out = np.lib.format.open_memmap(tmp / "data.npy", mode="w+", dtype=np.float32, shape=shape)
+        stats = reader(out)
+        out.flush()
+        del out
+        np.savez(tmp / "stats.npz", **stats._asdict())
+        meta = {
+            "version": CACHE_VERSION,
+            "shape": list(shape),
+            "dims": ["sample", "time", "channel", "y", "x"],
+            "description": description,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            # another process finished the same entry first: keep theirs
+            if not (folder / "data.npy").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("cache %s written in %.1f s", folder, time.perf_counter() - start)
+    return load_entry(folder)
