@@ -35,7 +35,10 @@ tables (``docs/backbones.md`` quotes them):
 Usage: ``python benchmarks/backbones.py [--backbones simvp,fno] [--quick] [--iters 3]
 [--batch-size 8] [--threads N]``. ``--quick`` skips the training measurements (params and FLOPs
 only, about a minute: mostly Earthformer's paper preset, counted on the CPU). The default run
-takes a few minutes on 2 CPU cores; timings on shared cores are noisy, so the load average is
+takes about two minutes on 2 CPU cores. Timings use one torch thread by default (``--threads``):
+on cores shared with other processes, OpenMP threads wait for each other (a small matmul ran 65x
+slower with 2 threads than with 1 under load; the table 2.5-40x slower), so single-thread
+samples/s are the reproducible figure. They are still noisy on shared cores: the load average is
 printed with the tables.
 """
 
@@ -59,7 +62,7 @@ from typing import Any, NamedTuple
 
 import torch
 import yaml
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentError, ArgumentParser
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count
 
 from beamvq.backbones import REGISTRY
@@ -124,7 +127,10 @@ def build_backbone(path: Path) -> Backbone:
     """Instantiate ``model.backbone`` of ``path`` as LightningCLI does (jsonargparse subclass)."""
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(Backbone, "backbone", required=True)
-    config = parser.parse_object({"backbone": backbone_section(path)})
+    try:
+        config = parser.parse_object({"backbone": backbone_section(path)})
+    except ArgumentError as err:
+        raise ValueError(f"{path}: {err}") from err
     return parser.instantiate(config).backbone
 
 
@@ -285,20 +291,12 @@ class Training(NamedTuple):
     peak_mib: float
 
 
-def measure_training(name: str, batch_size: int, iters: int, threads: int | None) -> Training:
+def measure_training(name: str, batch_size: int, iters: int, threads: int) -> Training:
     """Run ``train_worker`` in a fresh interpreter (clean memory accounting) and read its JSON."""
     cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--worker",
-        name,
-        "--batch-size",
-        str(batch_size),
-        "--iters",
-        str(iters),
-    ]
-    if threads is not None:
-        cmd += ["--threads", str(threads)]
+        sys.executable, str(Path(__file__).resolve()), "--worker", name,
+        "--batch-size", str(batch_size), "--iters", str(iters), "--threads", str(threads),
+    ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
     if proc.returncode != 0:
         raise RuntimeError(
@@ -344,10 +342,12 @@ def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def error_cell(err: Exception) -> str:
-    return f"error: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+    """The error on one line (Markdown-safe), long enough to name the offending option."""
+    message = " ".join(str(err).split())[:400].replace("|", "\\|")
+    return f"error: {type(err).__name__}: {message}"
 
 
-def run(names: Sequence[str], quick: bool, batch_size: int, iters: int, threads: int | None) -> int:
+def run(names: Sequence[str], quick: bool, batch_size: int, iters: int, threads: int) -> int:
     """Measure and print both tables; returns the number of failed measurements."""
     failures = 0
     quick_rows, paper_rows = [], []
@@ -425,7 +425,7 @@ def run(names: Sequence[str], quick: bool, batch_size: int, iters: int, threads:
     load = " / ".join(f"{v:.1f}" for v in os.getloadavg())
     print(
         f"\nMachine: {platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__}, "
-        f"{threads or torch.get_num_threads()} thread(s); load average (1/5/15 min) at the end: "
+        f"{threads} torch thread(s); load average (1/5/15 min) at the end: "
         f"{load}."
     )
     if not quick:
@@ -450,13 +450,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--batch-size", type=int, default=8, help="training batch (default 8)")
     parser.add_argument("--iters", type=int, default=3, help="timed training steps (default 3)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: reproducible on shared cores, see the docstring)",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    if args.batch_size < 1 or args.iters < 1:
-        parser.error(f"--batch-size and --iters must be >= 1, got {args.batch_size}, {args.iters}")
+    if args.batch_size < 1 or args.iters < 1 or args.threads < 1:
+        parser.error(
+            "--batch-size, --iters and --threads must be >= 1, got "
+            f"{args.batch_size}, {args.iters}, {args.threads}"
+        )
+    torch.set_num_threads(args.threads)
     # jsonargparse and LightningCLI-era deprecations are noise in a table
     warnings.filterwarnings("ignore")
     if args.worker is not None:

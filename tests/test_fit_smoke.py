@@ -2,25 +2,36 @@
 
 Each run composes ``configs/quickstart.yaml`` with ``configs/backbones/<name>.yaml`` exactly as
 the README tells users to, and overrides only what a test must: a tiny generated Navier–Stokes
-file (6 trajectories, 32x32, 12 frames) in ``tmp_path``, batch 2, ``fast_dev_run`` (one training
-and one validation batch), no logger. The run's working directory is ``tmp_path``, so whatever
-the quickstart's callbacks write to relative paths lands there, never in the repository; the
-callbacks themselves are kept, so the smoke also covers them.
+file (6 trajectories, 32x32, 12 frames) in ``tmp_path``, batch 2, one training and one
+validation batch per epoch, no logger. The quickstart's callbacks are kept, BeamVQ's
+``BeamSearchAugmentation`` included: the fit lasts ``start_epoch + 2`` epochs, so the search runs
+exactly once (never at the last epoch) on every backbone. The run's working directory is
+``tmp_path``, so whatever the callbacks write to relative paths lands there, never in the
+repository.
+
+Runs use one torch thread: on shared cores, two OpenMP threads wait on each other (a small matmul
+measured 65x slower with 2 threads than with 1 under load), which made this file several times
+slower.
 """
 
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from beamvq.backbones import REGISTRY
 from beamvq.cli import main
+from callbacks.beam_search import BeamSearchAugmentation
 from datamodules.synthetic import write_navier_stokes
 
 ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 GRID = 32
 DATA_ARGS = {"n_trajectories": 6, "resolution": GRID, "n_frames": 12}
 
@@ -31,42 +42,75 @@ def ns_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_navier_stokes(tmp_path_factory.mktemp("data") / "ns32.nc", **DATA_ARGS)
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def search_start_epoch() -> int:
+    """``start_epoch`` of the quickstart's ``BeamSearchAugmentation`` (its default if unset)."""
+    config = yaml.safe_load(QUICKSTART.read_text())
+    for callback in config["trainer"].get("callbacks") or []:
+        if callback["class_path"].endswith(BeamSearchAugmentation.__name__):
+            return int((callback.get("init_args") or {}).get("start_epoch", 1))
+    raise AssertionError(f"{QUICKSTART} has no BeamSearchAugmentation callback")
+
+
 def backbone_grid_args(name: str) -> list[str]:
     """Backbones built for one grid (``height``/``width`` in their YAML) get the test's grid."""
     config = yaml.safe_load((ROOT / "configs" / "backbones" / f"{name}.yaml").read_text())
     init_args = config["model"]["backbone"]["init_args"]
     if "height" not in init_args:
         return []
-    return ["--model.backbone.init_args.height", str(GRID),
-            "--model.backbone.init_args.width", str(GRID)]
+    return [
+        "--model.backbone.init_args.height", str(GRID),
+        "--model.backbone.init_args.width", str(GRID),
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_fit_smoke(
-    name: str, ns_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    name: str, ns_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
 ) -> None:
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["beamvq"])  # pytest's own arguments are not the CLI's
+    search_epoch = search_start_epoch()
     data_args = [a for k, v in DATA_ARGS.items() for a in (f"--data.init_args.{k}", str(v))]
     cli = main([
         "fit",
-        "--config", str(ROOT / "configs" / "quickstart.yaml"),
+        "--config", str(QUICKSTART),
         "--config", str(ROOT / "configs" / "backbones" / f"{name}.yaml"),
-        "--trainer.fast_dev_run", "1",
+        "--trainer.max_epochs", str(search_epoch + 2),
+        "--trainer.limit_train_batches", "1",
+        "--trainer.limit_val_batches", "1",
+        "--trainer.num_sanity_val_steps", "0",
         "--trainer.logger", "false",
         "--trainer.default_root_dir", str(tmp_path / "run"),
         "--data.init_args.path", str(ns_file),
         "--data.init_args.batch_size", "2",
         *data_args,
         *backbone_grid_args(name),
-    ])
+    ])  # fmt: skip
 
     trainer = cli.trainer
     assert isinstance(cli.model.model.backbone, REGISTRY[name])
-    assert trainer.state.finished, trainer.state.status
-    assert trainer.global_step == 1
     assert cli.datamodule.grid == (GRID, GRID)
+    assert trainer.state.finished, trainer.state.status
+    assert trainer.global_step == search_epoch + 2
     metrics = trainer.callback_metrics
     for key in ("train/loss", "val/loss"):
         assert key in metrics, sorted(metrics)
         assert math.isfinite(float(metrics[key])), (key, float(metrics[key]))
+
+    (search,) = [cb for cb in trainer.callbacks if isinstance(cb, BeamSearchAugmentation)]
+    (record,) = search.history
+    n_train = len(cli.datamodule.dataset("train"))
+    assert record.epoch == search_epoch
+    assert record.searched == min(n_train, search.max_windows or n_train)
+    assert 0 <= record.added <= record.accepted <= record.searched
+    assert record.pool_size == cli.datamodule.pool_size == record.added
+    assert math.isfinite(record.score_gain)
