@@ -76,7 +76,9 @@ def generate_era5_like(
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     if n_times < 1 or step_hours < 1 or not levels:
-        raise ValueError(f"need n_times >= 1, step_hours >= 1 and a level; got {n_times}, {step_hours}, {levels}")
+        raise ValueError(
+            f"need n_times >= 1, step_hours >= 1 and a level; got {n_times}, {step_hours}, {levels}"
+        )
     rng = np.random.default_rng(seed)
     lat, lon = grid(resolution_deg, descending=convention != "weatherbench")
     time = pd.date_range(start, periods=n_times, freq=f"{step_hours}h")
@@ -93,52 +95,104 @@ def generate_era5_like(
         amp = rng.uniform(0.5, 1.0) / k**0.5
         phase = rng.uniform(0, 2 * np.pi)
         # eastward travel: phase k(λ - ω t); the amplitude slowly modulated over ~a month
-        mod = 1.0 + 0.3 * np.sin(2 * np.pi * t_ax / rng.uniform(20.0, 40.0) + rng.uniform(0, 2 * np.pi))
+        mod = 1.0 + 0.3 * np.sin(
+            2 * np.pi * t_ax / rng.uniform(20.0, 40.0) + rng.uniform(0, 2 * np.pi)
+        )
         waves += amp * mod * np.cos(k * lam - 2 * np.pi * t_ax / period_days + phase)
     waves *= envelope
     # AR(1) red noise in time, smooth in space (a few low modes)
     noise = np.zeros_like(waves)
     state = np.zeros((lat.size, lon.size))
-    basis = [np.cos(m * lam[0] + rng.uniform(0, 2 * np.pi)) * np.cos(n * phi[0])
-             for m in range(1, 4) for n in range(0, 3)]
+    basis = [
+        np.cos(m * lam[0] + rng.uniform(0, 2 * np.pi)) * np.cos(n * phi[0])
+        for m in range(1, 4)
+        for n in range(0, 3)
+    ]
     for i in range(n_times):
         state = 0.9 * state + 0.1 * sum(rng.standard_normal() * b for b in basis)
         noise[i] = state
     zonal = np.sin(phi) ** 2
-    z = np.stack([
-        _level_ref(_Z_REF, p) - 6.0e3 * (p / 500.0) ** -0.5 * zonal + 1.5e3 * season * (500.0 / p)
-        + 1.2e3 * (500.0 / p) ** 0.5 * waves + 150.0 * noise
-        for p in levels
-    ], axis=1)
-    t = np.stack([
-        _level_ref(_T_REF, p) - 35.0 * zonal + 8.0 * season + 4.0 * waves + 0.5 * noise
-        for p in levels
-    ], axis=1)
+    z = np.stack(
+        [
+            _level_ref(_Z_REF, p)
+            - 6.0e3 * (p / 500.0) ** -0.5 * zonal
+            + 1.5e3 * season * (500.0 / p)
+            + 1.2e3 * (500.0 / p) ** 0.5 * waves
+            + 150.0 * noise
+            for p in levels
+        ],
+        axis=1,
+    )
+    t = np.stack(
+        [
+            _level_ref(_T_REF, p) - 35.0 * zonal + 8.0 * season + 4.0 * waves + 0.5 * noise
+            for p in levels
+        ],
+        axis=1,
+    )
     solar = np.cos(2 * np.pi * ((t_ax * 24.0 % 24.0) / 24.0 + lon[None, None, :] / 360.0) - np.pi)
-    t2m = 288.0 - 45.0 * zonal[:, :, :] + 10.0 * season + 5.0 * np.cos(phi) * solar + 3.0 * waves + 0.7 * noise
+    t2m = (
+        288.0
+        - 45.0 * zonal[:, :, :]
+        + 10.0 * season
+        + 5.0 * np.cos(phi) * solar
+        + 3.0 * waves
+        + 0.7 * noise
+    )
     names = {
         "era5": ("time", "level", "latitude", "longitude"),
         "cds": ("valid_time", "pressure_level", "latitude", "longitude"),
         "weatherbench": ("time", "level", "lat", "lon"),
     }[convention]
     t_dim, l_dim, y_dim, x_dim = names
-    hours_units = "seconds since 1970-01-01" if convention == "cds" else "hours since 1900-01-01 00:00:00.0"
+    hours_units = (
+        "seconds since 1970-01-01" if convention == "cds" else "hours since 1900-01-01 00:00:00.0"
+    )
     ds = xr.Dataset(
         {
-            "z": ((t_dim, l_dim, y_dim, x_dim), z.astype(np.float32),
-                  {"units": "m**2 s**-2", "long_name": "Geopotential", "standard_name": "geopotential"}),
-            "t": ((t_dim, l_dim, y_dim, x_dim), t.astype(np.float32),
-                  {"units": "K", "long_name": "Temperature", "standard_name": "air_temperature"}),
-            "t2m": ((t_dim, y_dim, x_dim), t2m.astype(np.float32),
-                    {"units": "K", "long_name": "2 metre temperature"}),
+            "z": (
+                (t_dim, l_dim, y_dim, x_dim),
+                z.astype(np.float32),
+                {
+                    "units": "m**2 s**-2",
+                    "long_name": "Geopotential",
+                    "standard_name": "geopotential",
+                },
+            ),
+            "t": (
+                (t_dim, l_dim, y_dim, x_dim),
+                t.astype(np.float32),
+                {"units": "K", "long_name": "Temperature", "standard_name": "air_temperature"},
+            ),
+            "t2m": (
+                (t_dim, y_dim, x_dim),
+                t2m.astype(np.float32),
+                {"units": "K", "long_name": "2 metre temperature"},
+            ),
         },
         coords={
             t_dim: (t_dim, time.values, {"long_name": "time"}),
-            l_dim: (l_dim, np.asarray(levels, dtype=np.int32),
-                    {"units": "millibars", "long_name": "pressure_level", "positive": "down",
-                     "stored_direction": "decreasing", "standard_name": "air_pressure"}),
-            y_dim: (y_dim, lat, {"units": "degrees_north", "long_name": "latitude", "standard_name": "latitude"}),
-            x_dim: (x_dim, lon, {"units": "degrees_east", "long_name": "longitude", "standard_name": "longitude"}),
+            l_dim: (
+                l_dim,
+                np.asarray(levels, dtype=np.int32),
+                {
+                    "units": "millibars",
+                    "long_name": "pressure_level",
+                    "positive": "down",
+                    "stored_direction": "decreasing",
+                    "standard_name": "air_pressure",
+                },
+            ),
+            y_dim: (
+                y_dim,
+                lat,
+                {"units": "degrees_north", "long_name": "latitude", "standard_name": "latitude"},
+            ),
+            x_dim: (
+                x_dim,
+                lon,
+                {"units": "degrees_east", "long_name": "longitude", "standard_name": "longitude"},
+            ),
         },
         attrs={
             "title": f"ERA5-like toy atmosphere on a {resolution_deg} degree grid ({convention} layout)",
@@ -150,8 +204,11 @@ def generate_era5_like(
             "Conventions": "CF-1.6",
         },
     )
-    ds[t_dim].encoding = {"units": hours_units, "calendar": "gregorian",
-                          "dtype": "int64" if convention == "cds" else "int32"}
+    ds[t_dim].encoding = {
+        "units": hours_units,
+        "calendar": "gregorian",
+        "dtype": "int64" if convention == "cds" else "int32",
+    }
     for name in ("z", "t", "t2m"):
         ds[name].encoding = pack_encoding(ds[name].values)
     return ds
@@ -164,15 +221,23 @@ def pack_encoding(values: np.ndarray) -> dict:
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     scale = (hi - lo) / 65532.0 if hi > lo else 1.0
     return {
-        "dtype": "int16", "scale_factor": scale, "add_offset": (hi + lo) / 2.0,
-        "_FillValue": np.int16(INT16_FILL), "zlib": True, "complevel": 4,
+        "dtype": "int16",
+        "scale_factor": scale,
+        "add_offset": (hi + lo) / 2.0,
+        "_FillValue": np.int16(INT16_FILL),
+        "zlib": True,
+        "complevel": 4,
     }
 
 
 def write_era5_like(path: str | os.PathLike, **kwargs: object) -> Path:
     """Generate (see ``generate_era5_like`` for the arguments) and write atomically, packed."""
     ds = generate_era5_like(**kwargs)  # type: ignore[arg-type]
-    log.info("writing an ERA5-like sample (%s time steps) to %s", ds.sizes.get("time", ds.sizes.get("valid_time")), path)
+    log.info(
+        "writing an ERA5-like sample (%s time steps) to %s",
+        ds.sizes.get("time", ds.sizes.get("valid_time")),
+        path,
+    )
     return write_netcdf(ds, path)
 
 
@@ -221,22 +286,45 @@ class ERA5LikeDataModule(NetCDFDataModule):
         generator_seed: int = 0,
     ) -> None:
         super().__init__(
-            path=path, variables=variables, levels=levels, in_steps=in_steps, out_steps=out_steps,
-            rollout_steps=rollout_steps, stride=stride, time_step=time_step, time_range=time_range,
-            lat_range=lat_range, lon_range=lon_range, train_period=train_period,
-            val_period=val_period, test_period=test_period, max_nan_fraction=max_nan_fraction,
-            nan_policy=nan_policy, cache_above_mb=cache_above_mb, cache_dir=cache_dir,
-            cache_per_node=cache_per_node, check_only=check_only, batch_size=batch_size,
-            num_workers=num_workers, predict_split=predict_split, pool_capacity=pool_capacity,
-            pool_policy=pool_policy, pool_weight=pool_weight, seed=seed,
+            path=path,
+            variables=variables,
+            levels=levels,
+            in_steps=in_steps,
+            out_steps=out_steps,
+            rollout_steps=rollout_steps,
+            stride=stride,
+            time_step=time_step,
+            time_range=time_range,
+            lat_range=lat_range,
+            lon_range=lon_range,
+            train_period=train_period,
+            val_period=val_period,
+            test_period=test_period,
+            max_nan_fraction=max_nan_fraction,
+            nan_policy=nan_policy,
+            cache_above_mb=cache_above_mb,
+            cache_dir=cache_dir,
+            cache_per_node=cache_per_node,
+            check_only=check_only,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            predict_split=predict_split,
+            pool_capacity=pool_capacity,
+            pool_policy=pool_policy,
+            pool_weight=pool_weight,
+            seed=seed,
         )
         if convention not in CONVENTIONS:
             raise ValueError(f"data.convention must be one of {CONVENTIONS}, got {convention!r}")
         # the file holds exactly the requested levels, so any later level selection finds them
         self.generator_args = dict(
-            n_times=n_times, start=start, step_hours=step_hours,
-            levels=tuple(levels) if levels else (500.0, 850.0), resolution_deg=resolution_deg,
-            convention=convention, seed=generator_seed,
+            n_times=n_times,
+            start=start,
+            step_hours=step_hours,
+            levels=tuple(levels) if levels else (500.0, 850.0),
+            resolution_deg=resolution_deg,
+            convention=convention,
+            seed=generator_seed,
         )
 
     def prepare_data(self) -> None:

@@ -52,7 +52,7 @@ import pytorch_lightning as pl
 import torch
 import xarray as xr
 from torch import Tensor
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, default_collate
 
 from datamodules import cache as cache_mod
 
@@ -138,7 +138,11 @@ class Layout(NamedTuple):
     @property
     def shape(self) -> tuple[int, int, int, int, int]:
         return (
-            self.n_samples, len(self.time), len(self.channels), len(self.y_index), len(self.x_index)
+            self.n_samples,
+            len(self.time),
+            len(self.channels),
+            len(self.y_index),
+            len(self.x_index),
         )
 
 
@@ -158,26 +162,104 @@ class FrameStats(NamedTuple):
     maximum: np.ndarray
 
 
-class WindowDataset(Dataset):
-    """Windows over an in-memory array ``(S, T, C, H, W)``; ``starts`` holds ``(sample, t0)``."""
+class WindowBatch(Sequence):
+    """What ``__getitems__`` returns: a batch gathered once into preallocated arrays.
 
-    def __init__(self, data: np.ndarray, starts: np.ndarray, in_steps: int, target_steps: int) -> None:
-        self.data = data
+    ``collated`` is the batch ``collate_windows`` hands on as it is; indexing gives per-window
+    views, so PyTorch's ``default_collate`` (a DataLoader built elsewhere) still gets samples.
+    """
+
+    def __init__(self, collated: Sample) -> None:
+        self.collated = collated
+
+    def __len__(self) -> int:
+        return int(self.collated.x.shape[0])
+
+    def __getitem__(self, j: int) -> Sample:  # type: ignore[override]
+        if not -len(self) <= j < len(self):
+            raise IndexError(j)
+        return Sample(*(field[j] for field in self.collated))
+
+
+def collate_windows(batch: Sequence[Sample]) -> Sample:
+    """Collate of the datamodule's loaders: a gathered ``WindowBatch`` passes as it is (no second
+    copy of the frames); a list of samples (the pool mixed in) goes through ``default_collate``."""
+    if isinstance(batch, WindowBatch):
+        return batch.collated
+    return default_collate(batch)
+
+
+class _Windows(Dataset):
+    """Windows over an array-like ``(S, T, C, H, W)``; ``starts`` holds ``(sample, t0)``.
+
+    A DataLoader batch is gathered by ``__getitems__`` straight into one preallocated array per
+    field: one copy of the frames, one Python loop step per window.
+    """
+
+    def __init__(
+        self, starts: np.ndarray, in_steps: int, target_steps: int, fill: np.ndarray | None = None
+    ) -> None:
         self.starts = starts
         self.in_steps = in_steps
         self.target_steps = target_steps
+        self.fill = fill
+
+    def _source(self) -> np.ndarray:
+        raise TypeError(f"{type(self).__name__} must define _source()")
 
     def __len__(self) -> int:
         return len(self.starts)
 
+    def _filled(self, frames: np.ndarray) -> np.ndarray:
+        if self.fill is not None:
+            bad = ~np.isfinite(frames)
+            if bad.any():
+                shape = (1,) * (frames.ndim - 3) + (-1, 1, 1)
+                frames[bad] = np.broadcast_to(self.fill.reshape(shape), frames.shape)[bad]
+        return frames
+
     def __getitem__(self, i: int) -> Sample:
-        s, t0 = self.starts[i]
-        x = self.data[s, t0 : t0 + self.in_steps]
-        y = self.data[s, t0 + self.in_steps : t0 + self.in_steps + self.target_steps]
+        s, t0 = (int(v) for v in self.starts[i])
+        mid = t0 + self.in_steps
+        data = self._source()
+        x = self._filled(np.array(data[s, t0:mid]))
+        y = self._filled(np.array(data[s, mid : mid + self.target_steps]))
         return Sample(torch.from_numpy(x), torch.from_numpy(y), torch.tensor(1.0), torch.tensor(i))
 
+    def __getitems__(self, indices: Sequence[int]) -> WindowBatch:
+        data = self._source()
+        idx = np.asarray(indices, dtype=np.int64)
+        frame = data.shape[2:]
+        x = np.empty((idx.size, self.in_steps, *frame), np.float32)
+        y = np.empty((idx.size, self.target_steps, *frame), np.float32)
+        for j, (s, t0) in enumerate(self.starts[idx].tolist()):
+            mid = t0 + self.in_steps
+            x[j] = data[s, t0:mid]
+            y[j] = data[s, mid : mid + self.target_steps]
+        return WindowBatch(
+            Sample(
+                torch.from_numpy(self._filled(x)),
+                torch.from_numpy(self._filled(y)),
+                torch.ones(idx.size),
+                torch.from_numpy(idx),
+            )
+        )
 
-class MemmapWindowDataset(Dataset):
+
+class WindowDataset(_Windows):
+    """Windows over an in-memory array ``(S, T, C, H, W)``; ``starts`` holds ``(sample, t0)``."""
+
+    def __init__(
+        self, data: np.ndarray, starts: np.ndarray, in_steps: int, target_steps: int
+    ) -> None:
+        super().__init__(starts, in_steps, target_steps)
+        self.data = data
+
+    def _source(self) -> np.ndarray:
+        return self.data
+
+
+class MemmapWindowDataset(_Windows):
     """Windows over the memory-mapped cache ``data_file`` (``np.load(mmap_mode="r")``).
 
     The map is opened lazily in the process that reads the first item (each DataLoader worker
@@ -186,40 +268,31 @@ class MemmapWindowDataset(Dataset):
     """
 
     def __init__(
-        self, data_file: Path, starts: np.ndarray, in_steps: int, target_steps: int,
+        self,
+        data_file: Path,
+        starts: np.ndarray,
+        in_steps: int,
+        target_steps: int,
         fill: np.ndarray | None = None,
     ) -> None:
+        super().__init__(starts, in_steps, target_steps, fill)
         self.data_file = Path(data_file)
-        self.starts = starts
-        self.in_steps = in_steps
-        self.target_steps = target_steps
-        self.fill = fill
         self._array: np.ndarray | None = None
         self._pid = -1
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_array": None, "_pid": -1}
 
-    def __len__(self) -> int:
-        return len(self.starts)
+    @property
+    def data(self) -> np.ndarray:
+        """The mapped ``(S, T, C, H, W)`` array, as read (``WindowDataset.data``'s counterpart)."""
+        return self._source()
 
-    def _frames(self, s: int, a: int, b: int) -> Tensor:
+    def _source(self) -> np.ndarray:
         if self._array is None or self._pid != os.getpid():
             self._array = np.load(self.data_file, mmap_mode="r")
             self._pid = os.getpid()
-        frames = np.array(self._array[s, a:b])  # copy out of the page cache
-        if self.fill is not None:
-            bad = ~np.isfinite(frames)
-            if bad.any():
-                frames[bad] = np.broadcast_to(self.fill[None, :, None, None], frames.shape)[bad]
-        return torch.from_numpy(frames)
-
-    def __getitem__(self, i: int) -> Sample:
-        s, t0 = (int(v) for v in self.starts[i])
-        mid = t0 + self.in_steps
-        x = self._frames(s, t0, mid)
-        y = self._frames(s, mid, mid + self.target_steps)
-        return Sample(x, y, torch.tensor(1.0), torch.tensor(i))
+        return self._array
 
 
 class PoolDataset(Dataset):
@@ -265,7 +338,9 @@ def open_netcdf(path: str) -> xr.Dataset:
     try:
         return xr.open_dataset(path, cache=False)
     except Exception as err:  # netCDF4/HDF5 raise several types for unreadable files
-        raise ValueError(f"{path}: cannot read the file as NetCDF ({type(err).__name__}: {err})") from err
+        raise ValueError(
+            f"{path}: cannot read the file as NetCDF ({type(err).__name__}: {err})"
+        ) from err
 
 
 def _coord_attr(ds: xr.Dataset, dim: str, key: str) -> str:
@@ -273,7 +348,11 @@ def _coord_attr(ds: xr.Dataset, dim: str, key: str) -> str:
 
 
 def _find_dim(
-    ds: xr.Dataset, dims: Sequence[str], names: Sequence[str], axis: str, std_names: Sequence[str],
+    ds: xr.Dataset,
+    dims: Sequence[str],
+    names: Sequence[str],
+    axis: str,
+    std_names: Sequence[str],
     units: Sequence[str] = (),
 ) -> str | None:
     """The dim of ``dims`` playing a role: by conventional name, then by CF attributes."""
@@ -324,7 +403,9 @@ def _time_values(ds: xr.Dataset, dim: str, path: str) -> np.ndarray:
             ) from err
     if values.dtype.kind in "iuf":
         return values.astype(np.float64)
-    raise ValueError(f"{path}: coordinate {dim!r} has type {values.dtype}; expected dates or numbers")
+    raise ValueError(
+        f"{path}: coordinate {dim!r} has type {values.dtype}; expected dates or numbers"
+    )
 
 
 def _fmt_time(value: object) -> str:
@@ -380,7 +461,9 @@ def label_slice(time: np.ndarray, start: str, end: str, arg: str) -> slice:
             return index.slice_indexer(str(start), str(end))
         return pd.Index(time).slice_indexer(float(start), float(end))
     except (ValueError, TypeError, KeyError) as err:
-        raise ValueError(f"data.{arg}=({start!r}, {end!r}) cannot select time labels: {err}") from err
+        raise ValueError(
+            f"data.{arg}=({start!r}, {end!r}) cannot select time labels: {err}"
+        ) from err
 
 
 def _index_plan(index: np.ndarray) -> tuple[slice, np.ndarray | None]:
@@ -497,13 +580,19 @@ class NetCDFDataModule(pl.LightningDataModule):
             raise ValueError("data.variables: give at least one variable name")
         if len(set(variables)) != len(variables):
             raise ValueError(f"data.variables lists a variable twice: {list(variables)}")
-        for name, value in (("in_steps", in_steps), ("out_steps", out_steps),
-                            ("rollout_steps", rollout_steps), ("stride", stride),
-                            ("batch_size", batch_size)):
+        for name, value in (
+            ("in_steps", in_steps),
+            ("out_steps", out_steps),
+            ("rollout_steps", rollout_steps),
+            ("stride", stride),
+            ("batch_size", batch_size),
+        ):
             if int(value) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {value}")
         if len(split_fractions) != 3 or min(split_fractions) < 0 or sum(split_fractions) <= 0:
-            raise ValueError(f"data.split_fractions must be three non-negative numbers, got {split_fractions}")
+            raise ValueError(
+                f"data.split_fractions must be three non-negative numbers, got {split_fractions}"
+            )
         if predict_split not in SPLITS:
             raise ValueError(f"data.predict_split must be one of {SPLITS}, got {predict_split!r}")
         if pool_policy not in ("oldest", "worst"):
@@ -515,21 +604,30 @@ class NetCDFDataModule(pl.LightningDataModule):
         periods = {"train": train_period, "val": val_period, "test": test_period}
         if train_period is None and (val_period is not None or test_period is not None):
             raise ValueError("data.val_period/test_period need data.train_period (date splits)")
-        for name, value in [("time_range", time_range), ("lat_range", lat_range),
-                            ("lon_range", lon_range)] + [(f"{k}_period", v) for k, v in periods.items()]:
+        for name, value in [
+            ("time_range", time_range),
+            ("lat_range", lat_range),
+            ("lon_range", lon_range),
+        ] + [(f"{k}_period", v) for k, v in periods.items()]:
             if value is not None and len(value) != 2:
                 raise ValueError(f"data.{name} must be (start, end), got {value}")
         self.path = str(path) if isinstance(path, (str, os.PathLike)) else [str(p) for p in path]
         self.variables = list(variables)
         self.levels = None if levels is None else [float(v) for v in levels]
-        self.in_steps, self.out_steps, self.rollout_steps = int(in_steps), int(out_steps), int(rollout_steps)
+        self.in_steps, self.out_steps, self.rollout_steps = (
+            int(in_steps),
+            int(out_steps),
+            int(rollout_steps),
+        )
         self.stride = int(stride)
         self.time_step_arg = time_step
         self.time_range = None if time_range is None else tuple(str(v) for v in time_range)
         self.lat_range = None if lat_range is None else tuple(float(v) for v in lat_range)
         self.lon_range = None if lon_range is None else tuple(float(v) for v in lon_range)
         self.split_fractions = tuple(float(f) for f in split_fractions)
-        self.periods = {k: (None if v is None else (str(v[0]), str(v[1]))) for k, v in periods.items()}
+        self.periods = {
+            k: (None if v is None else (str(v[0]), str(v[1]))) for k, v in periods.items()
+        }
         self.sample_dim_arg = sample_dim
         self.sample_dim = sample_dim
         # resolved in setup (auto-detection); the arguments are kept to detect again per file
@@ -546,7 +644,11 @@ class NetCDFDataModule(pl.LightningDataModule):
         self.check_only = bool(check_only)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.predict_split = predict_split
-        self.pool_capacity, self.pool_policy, self.pool_weight = int(pool_capacity), pool_policy, float(pool_weight)
+        self.pool_capacity, self.pool_policy, self.pool_weight = (
+            int(pool_capacity),
+            pool_policy,
+            float(pool_weight),
+        )
         self.seed = int(seed)
         self._layout: Layout | None = None
         self._data: np.ndarray | None = None
@@ -593,8 +695,18 @@ class NetCDFDataModule(pl.LightningDataModule):
         found: dict[str, str | None] = {}
         rules = {
             "time": (TIME_NAMES, "T", ("time",), ()),
-            "y": (Y_NAMES, "Y", ("latitude", "projection_y_coordinate", "grid_latitude"), LAT_UNITS),
-            "x": (X_NAMES, "X", ("longitude", "projection_x_coordinate", "grid_longitude"), LON_UNITS),
+            "y": (
+                Y_NAMES,
+                "Y",
+                ("latitude", "projection_y_coordinate", "grid_latitude"),
+                LAT_UNITS,
+            ),
+            "x": (
+                X_NAMES,
+                "X",
+                ("longitude", "projection_x_coordinate", "grid_longitude"),
+                LON_UNITS,
+            ),
             "level": (LEVEL_NAMES, "Z", ("air_pressure", "model_level_number", "height"), ()),
         }
         for role, (names, axis, std, units) in rules.items():
@@ -607,7 +719,9 @@ class NetCDFDataModule(pl.LightningDataModule):
         missing = [role for role in ("time", "y", "x") if found[role] is None]
         if missing:
             hint = ", ".join(
-                f"data.{r}_dim={self._dim_args[r]!r} not in dims" if self._dim_args[r] else f"no {r} dim found"
+                f"data.{r}_dim={self._dim_args[r]!r} not in dims"
+                if self._dim_args[r]
+                else f"no {r} dim found"
                 for r in missing
             )
             raise ValueError(
@@ -659,8 +773,11 @@ class NetCDFDataModule(pl.LightningDataModule):
                     if level_dim is not None and dims.get("level") is None:
                         dims["level"] = level_dim
                     if level_dim is not None:
-                        have = (ds[level_dim].values if level_dim in ds.variables
-                                else np.arange(var.sizes[level_dim])).astype(np.float64)
+                        have = (
+                            ds[level_dim].values
+                            if level_dim in ds.variables
+                            else np.arange(var.sizes[level_dim])
+                        ).astype(np.float64)
                         wanted = have if self.levels is None else np.asarray(self.levels)
                         absent = [f"{v:g}" for v in wanted if not np.isclose(have, v).any()]
                         if absent:
@@ -671,7 +788,9 @@ class NetCDFDataModule(pl.LightningDataModule):
                         levels = [float(v) for v in wanted]
                     else:
                         levels = [None]
-                    chans = [Channel(name if lv is None else f"{name}{lv:g}", name, lv) for lv in levels]
+                    chans = [
+                        Channel(name if lv is None else f"{name}{lv:g}", name, lv) for lv in levels
+                    ]
                     key = f"channels:{name}"
                     if key not in first:
                         first[key] = chans
@@ -679,7 +798,9 @@ class NetCDFDataModule(pl.LightningDataModule):
                         attrs = dict(var.attrs)
                         var_attrs[name] = attrs
                         for ch in chans:
-                            var_attrs[ch.name] = attrs if ch.level is None else dict(attrs, level=ch.level)
+                            var_attrs[ch.name] = (
+                                attrs if ch.level is None else dict(attrs, level=ch.level)
+                            )
                     elif first[key] != chans:
                         raise ValueError(
                             f"{path}: variable {name!r} has levels {[c.level for c in chans]} but "
@@ -695,10 +816,13 @@ class NetCDFDataModule(pl.LightningDataModule):
                         )
                 # the grid, the sample labels and the time axis
                 for role, dim in (("y", y_dim), ("x", x_dim)):
-                    values = (ds[dim].values if dim in ds.variables
-                              else np.arange(ds.sizes[dim])).astype(np.float64)
+                    values = (
+                        ds[dim].values if dim in ds.variables else np.arange(ds.sizes[dim])
+                    ).astype(np.float64)
                     ref = first.setdefault(role, values)
-                    if ref.shape != values.shape or not np.allclose(ref, values, rtol=1e-6, atol=1e-9):
+                    if ref.shape != values.shape or not np.allclose(
+                        ref, values, rtol=1e-6, atol=1e-9
+                    ):
                         raise ValueError(
                             f"{path}: variable {self.variables[0]!r} is on a different grid than "
                             f"{first_path}: {dim!r} has {values.size} points "
@@ -782,15 +906,19 @@ class NetCDFDataModule(pl.LightningDataModule):
             y_index = _box_index(y_values, *self.lat_range, periodic=False)
         if self.lon_range is not None:
             x_index = _box_index(x_values, *self.lon_range, periodic=longitude)
-        for arg, idx, dim, values in (("lat_range", y_index, dims["y"], y_values),
-                                      ("lon_range", x_index, dims["x"], x_values)):
+        for arg, idx, dim, values in (
+            ("lat_range", y_index, dims["y"], y_values),
+            ("lon_range", x_index, dims["x"], x_values),
+        ):
             if idx.size == 0:
                 raise ValueError(
                     f"data.{arg}={getattr(self, arg)} selects no point of {dim!r} in {self._label()} "
                     f"(it spans {values.min():g} .. {values.max():g})"
                 )
         out_coords: dict[str, xr.DataArray] = {
-            dims["time"]: xr.DataArray(time, dims=(dims["time"],), attrs=first["time_attrs"], name=dims["time"]),
+            dims["time"]: xr.DataArray(
+                time, dims=(dims["time"],), attrs=first["time_attrs"], name=dims["time"]
+            ),
             dims["y"]: coords["y"].isel({dims["y"]: y_index}),
             dims["x"]: coords["x"].isel({dims["x"]: x_index}),
         }
@@ -847,11 +975,20 @@ class NetCDFDataModule(pl.LightningDataModule):
                     var = ds[ch.variable]
                     sel: dict[str, object] = {lay.y_dim: y_sel, lay.x_dim: x_sel}
                     if ch.level is not None:
-                        have = (ds[lay.level_dim].values if lay.level_dim in ds.variables
-                                else np.arange(var.sizes[lay.level_dim])).astype(np.float64)
+                        have = (
+                            ds[lay.level_dim].values
+                            if lay.level_dim in ds.variables
+                            else np.arange(var.sizes[lay.level_dim])
+                        ).astype(np.float64)
                         sel[lay.level_dim] = int(np.flatnonzero(np.isclose(have, ch.level))[0])
                     for d in var.dims:
-                        if d not in (lay.time_dim, lay.y_dim, lay.x_dim, lay.level_dim, lay.sample_dim):
+                        if d not in (
+                            lay.time_dim,
+                            lay.y_dim,
+                            lay.x_dim,
+                            lay.level_dim,
+                            lay.sample_dim,
+                        ):
                             sel[d] = 0  # a size-1 extra dim (ERA5's ``number``/``expver``)
                     order = [d for d in (lay.sample_dim, lay.time_dim, lay.y_dim, lay.x_dim) if d]
                     for a in range(0, ft.time_index.size, frames_per_block):
@@ -895,7 +1032,9 @@ class NetCDFDataModule(pl.LightningDataModule):
             for c, ch in enumerate(lay.channels):
                 bad = int(stats.nonfinite[:, sl, c].sum())
                 total = stats.nonfinite[:, sl, c].size * pixels
-                what = f"variable {ch.variable!r}" + (f" at level {ch.level:g}" if ch.level is not None else "")
+                what = f"variable {ch.variable!r}" + (
+                    f" at level {ch.level:g}" if ch.level is not None else ""
+                )
                 if bad == total:
                     raise ValueError(
                         f"{ft.path}: {what} is entirely NaN/_FillValue ({total} values); "
@@ -939,7 +1078,10 @@ class NetCDFDataModule(pl.LightningDataModule):
         lay = self.layout()
         stem = Path(lay.files[0].path).stem
         return cache_mod.ensure_cache(
-            self._cache_root(), f"{stem}-{self._cache_key()}", lay.shape, self.read_into,
+            self._cache_root(),
+            f"{stem}-{self._cache_key()}",
+            lay.shape,
+            self.read_into,
             description=f"{self._label()}: {[c.name for c in lay.channels]}",
         )
 
@@ -980,8 +1122,12 @@ class NetCDFDataModule(pl.LightningDataModule):
         self._data = data
         log.info(
             "%s: %s windows (train/val/test) of %d+%d steps, %d channel(s) %s, %s",
-            self._label(), [len(self._starts[s]) for s in SPLITS], self.in_steps, self.target_steps,
-            len(lay.channels), [c.name for c in lay.channels],
+            self._label(),
+            [len(self._starts[s]) for s in SPLITS],
+            self.in_steps,
+            self.target_steps,
+            len(lay.channels),
+            [c.name for c in lay.channels],
             f"memory-mapped cache {self._cache_file}" if data is None else "in memory",
         )
 
@@ -998,19 +1144,29 @@ class NetCDFDataModule(pl.LightningDataModule):
         n_s, n_t = lay.n_samples, len(lay.time)
         diff = np.diff(lay.time)
         # pairs of consecutive frames exactly one step apart: a window may not cross any other pair
-        ok_pair = diff == self._time_step if lay.time.dtype.kind == "M" else np.isclose(diff, self._time_step)
+        ok_pair = (
+            diff == self._time_step
+            if lay.time.dtype.kind == "M"
+            else np.isclose(diff, self._time_step)
+        )
         bad_cum = np.concatenate([[0], np.cumsum(~ok_pair)])
         nan_frame = stats.nonfinite.sum(axis=2) > 0  # (S, T)
         if self.nan_policy != "mask":
             nan_frame = np.zeros_like(nan_frame)
-        nan_cum = np.concatenate([np.zeros((n_s, 1), np.int64), np.cumsum(nan_frame, axis=1)], axis=1)
+        nan_cum = np.concatenate(
+            [np.zeros((n_s, 1), np.int64), np.cumsum(nan_frame, axis=1)], axis=1
+        )
         w = self.window
 
         def starts_in(samples: np.ndarray, lo: int, hi: int) -> np.ndarray:
             cand = np.arange(lo, hi - w + 1, self.stride)
             cand = cand[bad_cum[cand + w - 1] - bad_cum[cand] == 0]
-            rows = [np.stack([np.full(cand.size, s), cand], axis=1)
-                    [nan_cum[s, cand + w] - nan_cum[s, cand] == 0] for s in samples]
+            rows = [
+                np.stack([np.full(cand.size, s), cand], axis=1)[
+                    nan_cum[s, cand + w] - nan_cum[s, cand] == 0
+                ]
+                for s in samples
+            ]
             return np.concatenate(rows).astype(np.int64) if rows else np.zeros((0, 2), np.int64)
 
         blocks: dict[str, tuple[np.ndarray, int, int]] = {}
@@ -1029,7 +1185,9 @@ class NetCDFDataModule(pl.LightningDataModule):
                         f"the {split} split would be empty"
                     )
                 blocks[split] = (np.arange(n_s), lo, hi)
-            spans = sorted((blocks[s][1], blocks[s][2], s) for s in SPLITS if blocks[s][2] > blocks[s][1])
+            spans = sorted(
+                (blocks[s][1], blocks[s][2], s) for s in SPLITS if blocks[s][2] > blocks[s][1]
+            )
             for (_, hi_a, a), (lo_b, _, b) in zip(spans, spans[1:]):
                 if lo_b < hi_a:
                     raise ValueError(
@@ -1064,12 +1222,24 @@ class NetCDFDataModule(pl.LightningDataModule):
             self._frames[split] = frames
             self._samples[split] = samples
             self._starts[split] = starts_in(samples, lo, hi)
-            wanted = self.periods[split] is not None if self.periods["train"] is not None else self.split_fractions[i] > 0
+            wanted = (
+                self.periods[split] is not None
+                if self.periods["train"] is not None
+                else self.split_fractions[i] > 0
+            )
             if wanted and len(self._starts[split]) == 0:
-                raise ValueError(self._empty_split_message(split, lo, hi, ok_pair, nan_frame, samples))
+                raise ValueError(
+                    self._empty_split_message(split, lo, hi, ok_pair, nan_frame, samples)
+                )
 
     def _empty_split_message(
-        self, split: str, lo: int, hi: int, ok_pair: np.ndarray, nan_frame: np.ndarray, samples: np.ndarray
+        self,
+        split: str,
+        lo: int,
+        hi: int,
+        ok_pair: np.ndarray,
+        nan_frame: np.ndarray,
+        samples: np.ndarray,
     ) -> str:
         n = hi - lo
         need = (
@@ -1202,20 +1372,30 @@ class NetCDFDataModule(pl.LightningDataModule):
         )
         size_mb = float(np.prod(lay.shape)) * 4 / 2**20
         where = "in memory" if self._data is not None else f"memory-mapped cache {self._cache_file}"
-        lines.append(f"  array (sample, time, channel, y, x): {lay.shape} float32, {size_mb:.1f} MiB, {where}")
         lines.append(
-            f"  {'channel':<12}{'variable':<16}{'level':>7}{'units':>10}{'train mean':>14}"
+            f"  array (sample, time, channel, y, x): {lay.shape} float32, {size_mb:.1f} MiB, {where}"
+        )
+        lines.append(
+            f"  {'channel':<12}{'variable':<16}{'level':>7}{'units':>12}{'train mean':>14}"
             f"{'train std':>12}{'min':>12}{'max':>12}{'NaN %':>8}"
         )
         pixels = len(lay.y_index) * len(lay.x_index)
         for c, ch in enumerate(lay.channels):
             units = str(lay.var_attrs.get(ch.variable, {}).get("units", ""))
             nan_pct = 100 * stats.nonfinite[..., c].sum() / (stats.nonfinite[..., c].size * pixels)
-            lo = np.nanmin(stats.minimum[..., c]) if np.isfinite(stats.minimum[..., c]).any() else np.nan
-            hi = np.nanmax(stats.maximum[..., c]) if np.isfinite(stats.maximum[..., c]).any() else np.nan
+            lo = (
+                np.nanmin(stats.minimum[..., c])
+                if np.isfinite(stats.minimum[..., c]).any()
+                else np.nan
+            )
+            hi = (
+                np.nanmax(stats.maximum[..., c])
+                if np.isfinite(stats.maximum[..., c]).any()
+                else np.nan
+            )
             level = "" if ch.level is None else f"{ch.level:g}"
             lines.append(
-                f"  {ch.name:<12}{ch.variable:<16}{level:>7}{units[:9]:>10}"
+                f"  {ch.name:<12}{ch.variable:<16}{level:>7}{units[:11]:>12}"
                 f"{self.normalization.mean[c]:>14.5g}{self.normalization.std[c]:>12.5g}"
                 f"{lo:>12.5g}{hi:>12.5g}{nan_pct:>8.3g}"
             )
@@ -1226,8 +1406,11 @@ class NetCDFDataModule(pl.LightningDataModule):
         for split in SPLITS:
             frames = self._frames[split]
             t_used = np.flatnonzero(frames.any(axis=0))
-            span = (f"{_fmt_time(time[t_used[0]])} .. {_fmt_time(time[t_used[-1]])}"
-                    if t_used.size else "-")
+            span = (
+                f"{_fmt_time(time[t_used[0]])} .. {_fmt_time(time[t_used[-1]])}"
+                if t_used.size
+                else "-"
+            )
             lines.append(
                 f"    {split:<6}{len(self._starts[split]):>8} windows  samples "
                 f"{len(self._samples[split]):>4}  time {span}"
@@ -1253,7 +1436,11 @@ class NetCDFDataModule(pl.LightningDataModule):
         """
         if x.shape[0] == 0:
             return 0
-        x, y, score = x.detach().float().cpu(), y.detach().float().cpu(), score.detach().float().cpu()
+        x, y, score = (
+            x.detach().float().cpu(),
+            y.detach().float().cpu(),
+            score.detach().float().cpu(),
+        )
         first_new = self._pool_counter
         age = torch.arange(first_new, first_new + x.shape[0])
         self._pool_counter += x.shape[0]
@@ -1269,8 +1456,11 @@ class NetCDFDataModule(pl.LightningDataModule):
 
     def state_dict(self) -> dict:
         return {
-            "pool_x": self.pool_x, "pool_y": self.pool_y, "pool_score": self.pool_score,
-            "pool_age": self.pool_age, "pool_counter": self._pool_counter,
+            "pool_x": self.pool_x,
+            "pool_y": self.pool_y,
+            "pool_score": self.pool_score,
+            "pool_age": self.pool_age,
+            "pool_counter": self._pool_counter,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -1278,7 +1468,9 @@ class NetCDFDataModule(pl.LightningDataModule):
         self.pool_score, self.pool_age = state["pool_score"], state["pool_age"]
         self._pool_counter = int(state["pool_counter"])
 
-    def training_windows(self, max_windows: int | None = None, seed: int = 0) -> tuple[np.ndarray, Tensor, Tensor]:
+    def training_windows(
+        self, max_windows: int | None = None, seed: int = 0
+    ) -> tuple[np.ndarray, Tensor, Tensor]:
         """Indices and physical ``(x, y)`` of (a random subset of) training windows."""
         ds = self.dataset("train")
         idx = np.arange(len(ds))
@@ -1296,6 +1488,7 @@ class NetCDFDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=False,
             drop_last=False,
+            collate_fn=collate_windows,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -1329,8 +1522,12 @@ def _block_stats(block: np.ndarray, stats: FrameStats, where: tuple) -> None:
     stats.mean[where] = mean
     stats.m2[where] = (dev * dev).sum(axis=(2, 3))
     with np.errstate(invalid="ignore"):
-        stats.minimum[where] = np.where(count > 0, np.where(finite, block, np.inf).min(axis=(2, 3)), np.nan)
-        stats.maximum[where] = np.where(count > 0, np.where(finite, block, -np.inf).max(axis=(2, 3)), np.nan)
+        stats.minimum[where] = np.where(
+            count > 0, np.where(finite, block, np.inf).min(axis=(2, 3)), np.nan
+        )
+        stats.maximum[where] = np.where(
+            count > 0, np.where(finite, block, -np.inf).max(axis=(2, 3)), np.nan
+        )
 
 
 def _combine(stats: FrameStats, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
