@@ -43,17 +43,30 @@ class BeamVQCLI(LightningCLI):
         if ckpt and str(ckpt) not in _SPECIAL_CKPT and not Path(str(ckpt)).is_file():
             raise FileNotFoundError(f"--ckpt_path: checkpoint file not found: {ckpt}")
 
-    def before_fit(self) -> None:
+    def _check_data_only(self) -> None:
+        """``--data.init_args.check_only true``: summarize the data and exit before any training."""
+        dm = self.datamodule
+        if getattr(dm, "check_only", False):
+            dm.prepare_data()
+            dm.setup("fit")
+            sys.stdout.write(dm.check() + "\n")
+            sys.exit(0)
+
+    def _before(self) -> None:
         self._check_ckpt()
+        self._check_data_only()
+
+    def before_fit(self) -> None:
+        self._before()
 
     def before_validate(self) -> None:
-        self._check_ckpt()
+        self._before()
 
     def before_test(self) -> None:
-        self._check_ckpt()
+        self._before()
 
     def before_predict(self) -> None:
-        self._check_ckpt()
+        self._before()
 
 
 def main(args: list[str] | None = None) -> BeamVQCLI:

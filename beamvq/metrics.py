@@ -495,6 +495,23 @@ def lat_weighted_rmse(pred: Tensor, target: Tensor, lat: Tensor) -> Tensor:
     return _per_lead_mean((pred - target).square() * w).sqrt()
 
 
+
+def lat_weighted_acc(pred: Tensor, target: Tensor, climatology: Tensor, lat: Tensor) -> Tensor:
+    """Anomaly correlation coefficient per sample, lead and channel (WeatherBench).
+
+    ``(B, T, C, H, W)`` fields, ``climatology (C, H, W)`` (training-split mean), ``lat (H,)`` in
+    degrees -> ``(B, T, C)``: Σw f'o' / sqrt(Σw f'² · Σw o'²) with f' = pred − clim,
+    o' = target − clim and w ∝ cos(latitude).
+    """
+    _check_same_shape(pred, target, min_dim=3)
+    if lat.shape != (pred.shape[-2],):
+        raise ValueError(f"lat {tuple(lat.shape)} must be ({pred.shape[-2]},) to match H")
+    w = latitude_weights(lat).to(pred.dtype).view(-1, 1)
+    f, o = pred - climatology, target - climatology
+    num = (w * f * o).sum((-2, -1))
+    den = ((w * f * f).sum((-2, -1)) * (w * o * o).sum((-2, -1))).sqrt()
+    return num / den.clamp_min(torch.finfo(pred.dtype).tiny)
+
 # --------------------------------------------------------------------------------------------
 # 6. Scorers: higher is better, (B, K, T, C, H, W) candidates -> (B, K)
 # --------------------------------------------------------------------------------------------

@@ -508,3 +508,16 @@ def test_scorers_build_from_yaml_class_paths():
     assert isinstance(scorer.scorers[0], M.CSIScorer)
     assert scorer.scorers[0].thresholds == list(M.SEVIR_THRESHOLDS)
     assert scorer.weights == [1.0, 0.5]
+
+
+def test_lat_weighted_acc_hand_values() -> None:
+    from beamvq.metrics import lat_weighted_acc
+
+    lat = torch.tensor([0.0, 60.0])  # weights ∝ cos: 1, 0.5 -> normalized 4/3, 2/3
+    clim = torch.zeros(1, 2, 1)
+    target = torch.tensor([1.0, -1.0]).view(1, 1, 1, 2, 1)
+    assert lat_weighted_acc(target, target, clim, lat).item() == pytest.approx(1.0)
+    assert lat_weighted_acc(-target, target, clim, lat).item() == pytest.approx(-1.0)
+    pred = torch.tensor([1.0, 1.0]).view(1, 1, 1, 2, 1)
+    # Σw f o = 4/3 - 2/3 = 2/3; Σw f² = 2; Σw o² = 2 -> 1/3
+    assert lat_weighted_acc(pred, target, clim, lat).item() == pytest.approx(1 / 3)
