@@ -39,7 +39,10 @@ LAYERS: list[tuple[Callable[[], nn.Module], tuple[int, ...]]] = [
     (lambda: nn.Linear(6, 4), (2, 7, 6)),
     (lambda: nn.Linear(6, 4, bias=False), (6,)),
     (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1), (2, 3, 9, 8)),
-    (lambda: nn.Conv1d(4, 6, 4, padding="same", padding_mode="reflect", groups=2, dilation=2), (3, 4, 11)),
+    (
+        lambda: nn.Conv1d(4, 6, 4, padding="same", padding_mode="reflect", groups=2, dilation=2),
+        (3, 4, 11),
+    ),
     (lambda: nn.Conv3d(2, 3, (1, 3, 3), padding=(0, 1, 1)), (2, 2, 3, 5, 5)),
     (lambda: nn.Conv2d(3, 4, 3), (3, 7, 7)),  # unbatched
     (lambda: nn.ConvTranspose2d(3, 5, 3, stride=2, padding=1, output_padding=1), (2, 3, 6, 5)),
@@ -97,9 +100,10 @@ def test_each_linear_role_quantizes_its_own_operand() -> None:
         assert torch.allclose(gx, egx, atol=1e-12), role
         assert torch.allclose(gw, egw, atol=1e-12), role
         # the quantized operand really differs from the raw one
-        assert not torch.allclose(torch.stack([y.sum(), gx.sum(), gw.sum()]), torch.stack(
-            [(x @ w.t()).sum(), (dy @ w).sum(), (dy.t() @ x).sum()]
-        ))
+        assert not torch.allclose(
+            torch.stack([y.sum(), gx.sum(), gw.sum()]),
+            torch.stack([(x @ w.t()).sum(), (dy @ w).sum(), (dy.t() @ x).sum()]),
+        )
 
 
 def test_conv_roles_against_autograd_on_quantized_operands() -> None:

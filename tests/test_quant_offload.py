@@ -64,11 +64,48 @@ def _step(net: nn.Module, x: torch.Tensor, offload: ActivationOffload | None) ->
     ]
 
 
-def test_default_frames_are_backbone_children() -> None:
-    names = [n for n, _ in ActivationOffload(0.5).select_modules(Net())]
-    assert names == ["backbone.blocks.0", "backbone.blocks.1", "backbone.cell"]
-    chosen = ActivationOffload(0.5, modules=[r"cell", r"cell\.0", "bottleneck"]).select_modules(Net())
-    assert [n for n, _ in chosen] == ["backbone.cell"]  # outermost only, never the bottleneck
+def _frames(offload: ActivationOffload, net: nn.Module, x: torch.Tensor) -> list[str]:
+    with offload.step(net):
+        net.backbone(x).backward()
+    return offload.frame_names
+
+
+def test_frames_are_the_outermost_called_modules() -> None:
+    net, x = Net(), torch.randn(1, 3, 4, 4)
+    # default: every backbone module is a candidate; calls inside a frame are not frames
+    frames = _frames(ActivationOffload(0.5), net, x)
+    assert frames == ["backbone.blocks.0", "backbone.blocks.1", "backbone.cell", "backbone.cell"]
+    candidates = [n for n, _ in ActivationOffload(0.5).select_modules(net)]
+    assert "backbone.blocks" not in candidates and "backbone.cell.0" in candidates
+    assert not any("bottleneck" in n for n in candidates)
+    chosen = ActivationOffload(0.5, modules=[r"cell\.0", "conv1", "bottleneck"])
+    assert (
+        _frames(chosen, net, x)
+        == ["backbone.blocks.0.conv1", "backbone.blocks.1.conv1"] + ["backbone.cell.0"] * 2
+    )
+
+
+def test_method_driven_children_get_frames_at_called_modules() -> None:
+    class Stack(nn.Module):  # driven through a method, never called itself
+        def __init__(self) -> None:
+            super().__init__()
+            self.cells = nn.ModuleList(
+                [nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 4)) for _ in range(2)]
+            )
+
+        def rollout(self, x: torch.Tensor) -> torch.Tensor:
+            for cell in self.cells:
+                x = x + cell(x).sum(-1, keepdim=True)
+            return x
+
+    net = nn.Module()
+    net.backbone = nn.Module()
+    net.backbone.stack = Stack()
+    offload = ActivationOffload(1.0)
+    with offload.step(net):
+        net.backbone.stack.rollout(torch.randn(3, 4)).sum().backward()
+    assert offload.frame_names == ["backbone.stack.cells.0", "backbone.stack.cells.1"]
+    assert offload.stats.offloaded_bytes > 0
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.25, 0.5, 1.0])

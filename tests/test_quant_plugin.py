@@ -15,7 +15,12 @@ from torch.utils.data import DataLoader, TensorDataset
 import beamvq.quant  # noqa: F401  (registers the strategy names)
 from beamvq.quant.exmy import FloatFormat
 from beamvq.quant.layers import QuantConv2d, QuantLinear
-from beamvq.quant.plugin import FP8OffloadDDPStrategy, FP8OffloadStrategy, QuantPrecision
+from beamvq.quant.plugin import (
+    FP8OffloadDDPStrategy,
+    FP8OffloadStrategy,
+    QuantPrecision,
+    QuantStatsLogger,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PRECISION = ROOT / "configs" / "precision"
@@ -104,6 +109,18 @@ def test_registered_name_trains_converts_and_logs(caplog: pytest.LogCaptureFixtu
     assert metrics["quant/fetched_bytes"] == metrics["quant/offloaded_bytes"]
     assert metrics["quant/recompute_bytes"] == 0
     assert metrics["quant/kept_bytes"] > 0
+
+
+def test_plugin_alone_with_a_stock_strategy() -> None:
+    model = ToyModule()
+    plugin = QuantPrecision(backend="simulate", fmt="e3m2", special="none", offload_alpha=0.0)
+    trainer = _trainer("auto", plugins=[plugin], callbacks=[QuantStatsLogger()])
+    trainer.fit(model)
+    assert trainer.strategy.precision_plugin is plugin
+    assert model.backbone.decoder.recipe.x.fmt == FloatFormat(3, 2)
+    # alpha = 0: pure recomputation, nothing moved
+    assert trainer.callback_metrics["quant/recompute_bytes"] > 0
+    assert trainer.callback_metrics["quant/offloaded_bytes"] == 0
 
 
 def test_strategy_refuses_mixed_precision() -> None:

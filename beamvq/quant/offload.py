@@ -70,25 +70,40 @@ class _StepCounters:
 
     def __init__(self, param_ptrs: set[int]) -> None:
         self.param_ptrs = param_ptrs
-        self.kept: dict[int, int] = {}
+        # storages kept on the device and still referenced by a graph -> how many holders;
+        # a storage is counted once while alive, again if its memory is reused after it died
+        self.live: dict[int, int] = {}
+        self.kept = 0
         self.offloaded = 0
         self.recompute = 0
         self.fetched = 0
         self.frames = 0
+        self.frame_names: list[str] = []
         # forward order, weak: a frame must die with its autograd graph
         self.frame_refs: list[weakref.ref[_Frame]] = []
 
     def is_param(self, t: Tensor) -> bool:
         return _storage_key(t)[0] in self.param_ptrs
 
-    def keep(self, t: Tensor) -> None:
+    def keep(self, t: Tensor, holder: object) -> None:
+        """Count ``t``'s storage as kept while ``holder`` (what the graph stores) lives."""
         key, nbytes = _storage_key(t)
-        self.kept[key] = nbytes
+        if key in self.live:
+            self.live[key] += 1
+        else:
+            self.live[key] = 1
+            self.kept += nbytes
+        weakref.finalize(holder, self._release, key)
+
+    def _release(self, key: int) -> None:
+        count = self.live.get(key, 0) - 1
+        if count > 0:
+            self.live[key] = count
+        else:
+            self.live.pop(key, None)
 
     def stats(self) -> OffloadStats:
-        return OffloadStats(
-            sum(self.kept.values()), self.offloaded, self.recompute, self.fetched, self.frames
-        )
+        return OffloadStats(self.kept, self.offloaded, self.recompute, self.fetched, self.frames)
 
 
 class _Handle:
@@ -140,11 +155,14 @@ _INPLACE_ERROR = (
 )
 
 
-class _Kept(NamedTuple):
+class _Kept:
     """A tensor left on the device, with the version it had when autograd saved it."""
 
-    tensor: Tensor
-    version: int
+    __slots__ = ("tensor", "version", "__weakref__")
+
+    def __init__(self, tensor: Tensor, version: int) -> None:
+        self.tensor = tensor
+        self.version = version
 
     def get(self) -> Tensor:
         if self.tensor._version != self.version:
@@ -205,11 +223,15 @@ class _Frame:
             # recomputation needs the inputs and the RNG/autocast state of this call
             self.forward, self.module = forward, module
             self.args = tree_map(
-                lambda a: a.detach().requires_grad_(a.requires_grad) if isinstance(a, Tensor) else a,
+                lambda a: (
+                    a.detach().requires_grad_(a.requires_grad) if isinstance(a, Tensor) else a
+                ),
                 (args, kwargs),
             )
             # detach() shares the version counter: an in-place change of an input shows up
-            self.versions = [a._version for a in tree_flatten(self.args)[0] if isinstance(a, Tensor)]
+            self.versions = [
+                a._version for a in tree_flatten(self.args)[0] if isinstance(a, Tensor)
+            ]
             self.cpu_rng = torch.get_rng_state()
             self.cuda_rng = (
                 [torch.cuda.get_rng_state(d) for d in range(torch.cuda.device_count())]
@@ -244,9 +266,7 @@ class _Frame:
     def finalize(self, inputs: Any, outputs: Any) -> None:
         """After the module's forward: decide per tensor what stays, moves, or is dropped."""
         alive = {
-            _storage_key(t)[0]
-            for t in tree_flatten((inputs, outputs))[0]
-            if isinstance(t, Tensor)
+            _storage_key(t)[0] for t in tree_flatten((inputs, outputs))[0] if isinstance(t, Tensor)
         }
         owner = self.owner
         for handle in self.pending:
@@ -256,7 +276,7 @@ class _Frame:
                 raise RuntimeError(_INPLACE_ERROR)
             key = _storage_key(t)[0]
             if key in alive or t.dim() == 0 or t.numel() == 0 or not _owns_storage(t):
-                self.counters.keep(t)
+                self.counters.keep(t, handle)
                 continue
             dim = _split_dim(t, owner.token_dim)
             length = t.shape[dim]
@@ -282,7 +302,9 @@ class _Frame:
     # ---- backward ---------------------------------------------------------------------------
     def unpack(self, packed: Any) -> Tensor:
         if isinstance(packed, _ViewOf):
-            return self._resolve(packed.handle).as_strided(packed.size, packed.stride, packed.offset)
+            return self._resolve(packed.handle).as_strided(
+                packed.size, packed.stride, packed.offset
+            )
         if isinstance(packed, _Handle):
             return self._resolve(packed)
         return packed.get()
@@ -361,7 +383,9 @@ class _Frame:
             i = counter[0]
             counter[0] += 1
             if i in needed:
-                store[i] = (t._base if type(t) is torch.Tensor and t._base is not None else t).detach()
+                store[i] = (
+                    t._base if type(t) is torch.Tensor and t._base is not None else t
+                ).detach()
 
         def unpack(_: Any) -> Tensor:
             raise RuntimeError("the recomputation graph of an offload frame is never run")
@@ -385,7 +409,11 @@ class _Frame:
                     stack.enter_context(torch.autocast(dev, dtype=dtype))
             stack.enter_context(torch.enable_grad())
             stack.enter_context(saved_tensors_hooks(pack, unpack))
-            self.forward(*args, **kwargs)
+            self.owner._depth += 1
+            try:
+                self.forward(*args, **kwargs)
+            finally:
+                self.owner._depth -= 1
         # the first forward already updated running statistics / code banks
         with torch.no_grad():
             for name, b in self.module.named_buffers():
@@ -405,10 +433,11 @@ class ActivationOffload:
 
     ``alpha``: fraction of every saved activation moved to the host; the rest is recomputed.
     ``None`` disables offload (counting only). ``modules``: regular expressions searched in the
-    qualified names of the modules whose calls become offload frames; ``None`` picks the
-    children of the backbone (of the root when there is no ``backbone``), looking through
-    ``ModuleList``/``ModuleDict`` containers. Bottleneck modules are never frames, and nested
-    matches keep only the outermost module. ``token_dim``: axis along which ``alpha`` splits.
+    qualified names of the modules whose calls may become offload frames; ``None`` takes every
+    module inside the backbone (inside the root when there is no ``backbone``). A call becomes a
+    frame only outside other frames, so in practice the frames are the backbone's top-level
+    modules, or the deepest ones its methods call. Bottleneck modules are never frames.
+    ``token_dim``: axis along which ``alpha`` splits.
     """
 
     def __init__(
@@ -427,31 +456,31 @@ class ActivationOffload:
         self.pin_memory = pin_memory
         self._counters = _StepCounters(set())
         self._stream: Any = None
+        # > 0 while a frame's forward (or its recomputation) runs: nested candidates pass through
+        self._depth = 0
 
     # ---- module selection -------------------------------------------------------------------
     def select_modules(self, root: nn.Module) -> list[tuple[str, nn.Module]]:
-        """The modules whose calls become frames (outermost matches, bottleneck excluded)."""
+        """Candidate frame modules (bottleneck and never-called containers excluded).
+
+        A call of a candidate becomes a frame unless it happens inside another frame, so the
+        outermost module that is actually called wins: a backbone that drives its child through
+        a method (``stack.encode``) still gets frames at the cells that method calls.
+        """
         named = dict(root.named_modules())
         if self.patterns is not None:
             regexes = [re.compile(p) for p in self.patterns]
             chosen = [n for n in named if n and any(r.search(n) for r in regexes)]
         else:
             parents = [n for n in named if n.split(".")[-1] == "backbone"] or [""]
-            chosen = []
-            for parent in parents:
-                prefix = f"{parent}." if parent else ""
-                chosen += [prefix + c for c, _ in named[parent].named_children()]
-
-            def expand(name: str) -> list[str]:
-                module = named[name]
-                if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
-                    return [n for c, _ in module.named_children() for n in expand(f"{name}.{c}")]
-                return [name]
-
-            chosen = [n for c in chosen for n in expand(c)]
-        chosen = [n for n in chosen if not any(is_bottleneck(named[a], a) for a in _ancestry(n))]
-        outermost = [n for n in chosen if not any(n.startswith(f"{o}.") for o in chosen if o != n)]
-        return [(n, named[n]) for n in outermost]
+            prefixes = tuple(f"{p}." if p else "" for p in parents)
+            chosen = [n for n in named if n and n not in parents and n.startswith(prefixes)]
+        return [
+            (n, named[n])
+            for n in chosen
+            if not isinstance(named[n], (nn.ModuleList, nn.ModuleDict))
+            and not any(is_bottleneck(named[a], a) for a in _ancestry(n))
+        ]
 
     # ---- the step context -------------------------------------------------------------------
     @contextlib.contextmanager
@@ -462,14 +491,15 @@ class ActivationOffload:
         self._counters = counters
         installed: list[tuple[nn.Module, Any]] = []
         if self.enabled:
-            for _, module in self.select_modules(root):
+            for name, module in self.select_modules(root):
                 installed.append((module, module.__dict__.get("forward")))
-                module.forward = self._frame_forward(module, module.forward, counters)
+                module.forward = self._frame_forward(name, module, module.forward, counters)
 
         def pack(t: Tensor) -> _Kept:
+            kept = _Kept(t.detach(), t._version)
             if not counters.is_param(t):
-                counters.keep(t)
-            return _Kept(t.detach(), t._version)
+                counters.keep(t, kept)
+            return kept
 
         try:
             with saved_tensors_hooks(pack, _Kept.get):
@@ -482,18 +512,28 @@ class ActivationOffload:
                     module.forward = previous
 
     def _frame_forward(
-        self, module: nn.Module, forward: Callable[..., Any], counters: _StepCounters
+        self, name: str, module: nn.Module, forward: Callable[..., Any], counters: _StepCounters
     ) -> Callable[..., Any]:
         def frame_forward(*args: Any, **kwargs: Any) -> Any:
-            if not torch.is_grad_enabled():
+            if not torch.is_grad_enabled() or self._depth > 0:
                 return forward(*args, **kwargs)
             frame = _Frame(self, forward, module, args, kwargs, counters)
-            with saved_tensors_hooks(frame.pack, frame.unpack):
-                out = forward(*args, **kwargs)
+            self._depth += 1
+            try:
+                with saved_tensors_hooks(frame.pack, frame.unpack):
+                    out = forward(*args, **kwargs)
+            finally:
+                self._depth -= 1
             frame.finalize((args, kwargs), out)
+            counters.frame_names.append(name)
             return out
 
         return frame_forward
+
+    @property
+    def frame_names(self) -> list[str]:
+        """Qualified names of the frames of the latest step, in call order."""
+        return list(self._counters.frame_names)
 
     @property
     def stats(self) -> OffloadStats:

@@ -68,8 +68,9 @@ class QuantPrecision(Precision):
         include, exclude: regular expressions on qualified layer names.
         offload_alpha: fraction of each saved activation offloaded (rest recomputed);
             ``None`` disables offload (saved bytes are still counted).
-        offload_modules: regular expressions selecting offload frames (``None``: backbone
-            children).
+        offload_modules: regular expressions selecting the modules whose calls may become
+            offload frames (``None``: every module inside the backbone; the outermost one
+            actually called becomes the frame).
         token_dim: axis along which ``offload_alpha`` splits a saved activation.
     """
 
@@ -116,7 +117,12 @@ class QuantPrecision(Precision):
         self._module = module
         if self.backend == "simulate":
             self.report = convert_to_quantized(
-                module, self.recipe, self.include, self.exclude, linear=True, conv=self.quantize_conv
+                module,
+                self.recipe,
+                self.include,
+                self.exclude,
+                linear=True,
+                conv=self.quantize_conv,
             )
         elif self.backend == "torchao":
             device = self.device
@@ -132,8 +138,13 @@ class QuantPrecision(Precision):
         else:
             self.report = ConversionReport("none", [], [], [])
         if self.offload.enabled:
-            frames = [name for name, _ in self.offload.select_modules(module)]
-            log.info("Activation offload alpha=%s on %s", self.offload.alpha, frames)
+            candidates = [name for name, _ in self.offload.select_modules(module)]
+            log.info(
+                "Activation offload alpha=%s: %d candidate frame modules, outermost called first: %s",
+                self.offload.alpha,
+                len(candidates),
+                candidates[:8],
+            )
         return module
 
     @contextlib.contextmanager
@@ -236,10 +247,23 @@ class FP8OffloadStrategy(_QuantStrategyMixin, SingleDeviceStrategy):
         token_dim: int = -2,
     ) -> None:
         quant = QuantPrecision(
-            backend, fmt, special, grad_fmt, grad_special, targets, granularity, block_size,
-            scale_pow2, quantize_conv, torchao_recipe, include, exclude, offload_alpha,
-            offload_modules, token_dim,
-        )  # fmt: skip
+            backend=backend,
+            fmt=fmt,
+            special=special,
+            grad_fmt=grad_fmt,
+            grad_special=grad_special,
+            targets=targets,
+            granularity=granularity,
+            block_size=block_size,
+            scale_pow2=scale_pow2,
+            quantize_conv=quantize_conv,
+            torchao_recipe=torchao_recipe,
+            include=include,
+            exclude=exclude,
+            offload_alpha=offload_alpha,
+            offload_modules=offload_modules,
+            token_dim=token_dim,
+        )
         self._quant = quant
         self._device_arg = torch.device(device) if device is not None else None
         # filled by the Trainer with the devices it selected (accelerator / devices flags)
@@ -293,10 +317,23 @@ class FP8OffloadDDPStrategy(_QuantStrategyMixin, DDPStrategy):
         timeout: timedelta = timedelta(minutes=30),
     ) -> None:
         quant = QuantPrecision(
-            backend, fmt, special, grad_fmt, grad_special, targets, granularity, block_size,
-            scale_pow2, quantize_conv, torchao_recipe, include, exclude, offload_alpha,
-            offload_modules, token_dim,
-        )  # fmt: skip
+            backend=backend,
+            fmt=fmt,
+            special=special,
+            grad_fmt=grad_fmt,
+            grad_special=grad_special,
+            targets=targets,
+            granularity=granularity,
+            block_size=block_size,
+            scale_pow2=scale_pow2,
+            quantize_conv=quantize_conv,
+            torchao_recipe=torchao_recipe,
+            include=include,
+            exclude=exclude,
+            offload_alpha=offload_alpha,
+            offload_modules=offload_modules,
+            token_dim=token_dim,
+        )
         self._quant = quant
         super().__init__(
             precision_plugin=quant,

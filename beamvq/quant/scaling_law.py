@@ -89,7 +89,9 @@ def optimal_mantissa(total_bits: float, c: LawConstants = PAPER) -> float:
 def best_split(total_bits: int, c: LawConstants = PAPER) -> ExpManSplit:
     """The integer split (E >= 1, M >= 0, E + M = P - 1) with the lowest predicted loss."""
     if total_bits < 2:
-        raise ValueError(f"a float format needs at least 2 bits (sign + exponent), got {total_bits}")
+        raise ValueError(
+            f"a float format needs at least 2 bits (sign + exponent), got {total_bits}"
+        )
     candidates = [ExpManSplit(total_bits - 1 - m, m) for m in range(total_bits - 1)]
     return max(candidates, key=lambda s: _precision_capacity(s.exp_bits, s.man_bits, c))
 
@@ -164,7 +166,10 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--man", type=int, default=None, help="... with this M")
     args = parser.parse_args(argv)
     text = format_table(
-        args.params, args.tokens, args.block, law_table(args.params, args.tokens, args.block, args.bits)
+        args.params,
+        args.tokens,
+        args.block,
+        law_table(args.params, args.tokens, args.block, args.bits),
     )
     if args.exp is not None and args.man is not None:
         loss = predicted_loss(args.params, args.tokens, args.exp, args.man, args.block)
