@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -176,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         dcrit = critical_data_size(args.params, args.exp, args.man, args.block)
         text += f"\nE{args.exp}M{args.man}: loss {loss:.4f}, D_crit {dcrit:.4g} tokens"
     # the command-line entry's output is its product
-    print(text)
+    sys.stdout.write(text + "\n")
     return text
 
 
