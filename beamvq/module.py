@@ -39,6 +39,7 @@ from beamvq import metrics, search
 from beamvq.backbones.base import Backbone
 from beamvq.bottleneck import VQBottleneck
 from beamvq.model import VQForecaster
+from beamvq.tuning import resolve_learning_rate
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,42 @@ class EnsembleMetrics(Metric):
         return {k: v.float() for k, v in out.items()}
 
 
+class LatLonMetrics(Metric):
+    """Latitude-weighted RMSE and ACC per lead time, pooled over the set (WeatherBench), DDP-safe.
+
+    RMSE: sqrt of the cos(latitude)-weighted squared error pooled over samples, channels and the
+    grid; ACC: mean over samples and channels of ``metrics.lat_weighted_acc`` against the
+    training-split climatology.
+    """
+
+    full_state_update = False
+
+    def __init__(self, lead_times: int) -> None:
+        super().__init__()
+        for name in ("sq_err", "count", "acc_sum", "acc_count"):
+            self.add_state(name, torch.zeros(lead_times, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, pred: Tensor, target: Tensor, lat: Tensor, climatology: Tensor) -> None:
+        w = metrics.latitude_weights(lat).to(pred.dtype).view(-1, 1)
+        self.sq_err += ((pred - target).square() * w).sum((0, 2, 3, 4)).double()
+        self.count += float(pred.shape[0] * pred.shape[2] * pred.shape[3] * pred.shape[4])
+        acc = metrics.lat_weighted_acc(pred, target, climatology, lat)  # (B, T, C)
+        self.acc_sum += acc.sum((0, 2)).double()
+        self.acc_count += float(acc.shape[0] * acc.shape[2])
+
+    def compute(self) -> dict[str, Tensor]:
+        rmse_lead = (self.sq_err / self.count.clamp_min(1)).sqrt()
+        acc_lead = self.acc_sum / self.acc_count.clamp_min(1)
+        out = {
+            "lat_rmse": (self.sq_err.sum() / self.count.sum().clamp_min(1)).sqrt(),
+            "acc": self.acc_sum.sum() / self.acc_count.sum().clamp_min(1),
+        }
+        for t in range(rmse_lead.shape[0]):
+            out[f"lat_rmse_lead{t + 1}"] = rmse_lead[t]
+            out[f"acc_lead{t + 1}"] = acc_lead[t]
+        return {k: v.float() for k, v in out.items()}
+
+
 class ForecastModule(pl.LightningModule):
     """Train, evaluate and predict any backbone, with or without the VQ bottleneck.
 
@@ -205,6 +242,9 @@ class ForecastModule(pl.LightningModule):
         predict_scorer: a reference-free ``beamvq.metrics.Scorer`` (e.g. ``SpectrumScorer``,
             ``NonNegativityScorer``) for the beam-searched members; scorers with a ``fit`` are
             fitted on training-split targets of the datamodule before predict/test.
+        lr_reference_batch_size, lr_b_noise: when given, ``lr`` is the learning rate tuned at
+            ``lr_reference_batch_size`` and the optimizer uses the Surge rule's rate for the
+            actual global batch (arXiv 2405.14578; ``beamvq.tuning``), logged at start.
     """
 
     def __init__(
@@ -222,8 +262,15 @@ class ForecastModule(pl.LightningModule):
         predict_members: int = 0,
         predict_beam_width: int = 0,
         predict_scorer: metrics.Scorer | None = None,
+        lr_reference_batch_size: int | None = None,
+        lr_b_noise: float | None = None,
     ) -> None:
         super().__init__()
+        if (lr_reference_batch_size is None) != (lr_b_noise is None):
+            raise ValueError(
+                "model.lr_reference_batch_size and model.lr_b_noise go together (the Surge rule "
+                "needs the reference batch size of model.lr and the gradient noise scale)"
+            )
         if rollout_loss not in ("full", "first"):
             raise ValueError(f"model.rollout_loss must be 'full' or 'first', got {rollout_loss!r}")
         if scheduler not in ("cosine", "none"):
@@ -262,6 +309,12 @@ class ForecastModule(pl.LightningModule):
         )
         self.predict_scorer = predict_scorer
         self._predict_scorer_fitted = False
+        # lat-lon grids: latitudes (degrees) and the training climatology, set in setup; kept
+        # in the checkpoint so predict/test weigh the same way
+        self.register_buffer("lat_deg", torch.empty(0))
+        self.register_buffer("climatology", torch.empty(0))
+        self.val_latlon = LatLonMetrics(horizon)
+        self.test_latlon = LatLonMetrics(horizon)
 
     @staticmethod
     def _check_predict_search(
@@ -329,8 +382,19 @@ class ForecastModule(pl.LightningModule):
         # a checkpoint restored after setup overwrites these with its own statistics
         if getattr(dm, "normalization", None) is not None and not bool(self.norm_ready):
             self.set_normalization(dm.normalization.mean, dm.normalization.std)
+        lat = getattr(dm, "latitude", None)
+        if lat is not None and self.lat_deg.numel() == 0:
+            self.lat_deg = torch.as_tensor(np.asarray(lat), dtype=torch.float32)
+            self.climatology = torch.as_tensor(np.asarray(dm.climatology), dtype=torch.float32)
         if stage in ("test", "predict"):
             self.fit_predict_scorer(dm)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the lat-lon buffers' shapes come from the data: size them like the checkpoint's
+        state = checkpoint.get("state_dict", {})
+        for name in ("lat_deg", "climatology"):
+            if name in state:
+                setattr(self, name, torch.empty_like(state[name]))
 
     def fit_predict_scorer(self, dm: Any, max_windows: int = 256) -> None:
         """Fit ``predict_scorer`` (if it has a ``fit``) once, on training-split targets of ``dm``."""
@@ -458,6 +522,9 @@ class ForecastModule(pl.LightningModule):
         loss, _, pred = self.compute_loss(x, y, batch.weight, False)
         pred_phys = self.denormalize(pred)
         metric.update(pred_phys, batch.y)
+        if self.lat_deg.numel():
+            latlon = self.val_latlon if prefix == "val" else self.test_latlon
+            latlon.update(pred_phys, batch.y, self.lat_deg, self.climatology)
         self.log(
             f"{prefix}/loss",
             loss,
@@ -478,6 +545,10 @@ class ForecastModule(pl.LightningModule):
 
     def _log_metrics(self, metric: ForecastMetrics, prefix: str) -> None:
         values = metric.compute()
+        if self.lat_deg.numel():
+            latlon = self.val_latlon if prefix == "val" else self.test_latlon
+            values.update(latlon.compute())
+            latlon.reset()
         self.log_dict({f"{prefix}/{k}": v for k, v in values.items()})
         metric.reset()
 
@@ -501,9 +572,22 @@ class ForecastModule(pl.LightningModule):
         return Prediction(forecast, members.fields, batch.index, members.scores)
 
     # -- optimisation ----------------------------------------------------------------------------
+    def learning_rate(self) -> float:
+        """``lr``, or the Surge rule's rate for the global batch when a reference is configured."""
+        ref = self.hparams.lr_reference_batch_size
+        if ref is None:
+            return float(self.hparams.lr)
+        dm = self.trainer.datamodule
+        if dm is None or not hasattr(dm, "batch_size"):
+            raise ValueError("model.lr_reference_batch_size needs a datamodule with a batch_size")
+        global_batch = (
+            int(dm.batch_size) * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        )
+        return resolve_learning_rate(global_batch, ref, self.hparams.lr, self.hparams.lr_b_noise)
+
     def configure_optimizers(self) -> Any:
         opt = torch.optim.AdamW(
-            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+            self.parameters(), lr=self.learning_rate(), weight_decay=self.hparams.weight_decay
         )
         if self.hparams.scheduler == "none":
             return opt

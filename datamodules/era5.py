@@ -31,8 +31,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from datamodules.io import write_netcdf
-from datamodules.netcdf import NetCDFDataModule
+from datamodules.io import DataGenerator, write_netcdf
 
 log = logging.getLogger(__name__)
 
@@ -241,99 +240,26 @@ def write_era5_like(path: str | os.PathLike, **kwargs: object) -> Path:
     return write_netcdf(ds, path)
 
 
-class ERA5LikeDataModule(NetCDFDataModule):
-    """``NetCDFDataModule`` over the generated ERA5-like file; writes it if missing.
 
-    The data arguments are those of ``NetCDFDataModule`` (date splits by default: 2000 trains,
-    the first half of 2001 validates, the second half tests); the generator arguments are those
-    of ``generate_era5_like``. The file is generated once in ``prepare_data`` (rank 0).
-    """
+class ERA5LikeGenerator(DataGenerator):
+    """The ERA5-like toy atmosphere (arguments of ``generate_era5_like``), packed int16."""
 
     def __init__(
         self,
-        path: str = "data/era5_like_5.625deg.nc",
-        variables: list[str] = ["z", "t", "t2m"],  # noqa: B006 (read-only default, as in YAML)
-        levels: list[float] | None = [500.0, 850.0],  # noqa: B006
-        in_steps: int = 4,
-        out_steps: int = 4,
-        rollout_steps: int = 1,
-        stride: int = 1,
-        time_step: str | None = "6h",
-        time_range: tuple[str, str] | None = None,
-        lat_range: tuple[float, float] | None = None,
-        lon_range: tuple[float, float] | None = None,
-        train_period: tuple[str, str] | None = ("2000-01-01", "2000-12-31"),
-        val_period: tuple[str, str] | None = ("2001-01-01", "2001-06-30"),
-        test_period: tuple[str, str] | None = ("2001-07-01", "2001-12-31"),
-        max_nan_fraction: float = 0.0,
-        nan_policy: str = "fill",
-        cache_above_mb: float = 2048.0,
-        cache_dir: str | None = None,
-        cache_per_node: bool = False,
-        check_only: bool = False,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        predict_split: str = "test",
-        pool_capacity: int = 256,
-        pool_policy: str = "worst",
-        pool_weight: float = 0.5,
-        seed: int = 0,
         n_times: int = 2924,
         start: str = "2000-01-01",
         step_hours: int = 6,
+        levels: tuple[float, ...] = (500.0, 850.0),
         resolution_deg: float = 5.625,
         convention: str = "era5",
-        generator_seed: int = 0,
+        seed: int = 0,
     ) -> None:
-        super().__init__(
-            path=path,
-            variables=variables,
-            levels=levels,
-            in_steps=in_steps,
-            out_steps=out_steps,
-            rollout_steps=rollout_steps,
-            stride=stride,
-            time_step=time_step,
-            time_range=time_range,
-            lat_range=lat_range,
-            lon_range=lon_range,
-            train_period=train_period,
-            val_period=val_period,
-            test_period=test_period,
-            max_nan_fraction=max_nan_fraction,
-            nan_policy=nan_policy,
-            cache_above_mb=cache_above_mb,
-            cache_dir=cache_dir,
-            cache_per_node=cache_per_node,
-            check_only=check_only,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            predict_split=predict_split,
-            pool_capacity=pool_capacity,
-            pool_policy=pool_policy,
-            pool_weight=pool_weight,
-            seed=seed,
-        )
         if convention not in CONVENTIONS:
-            raise ValueError(f"data.convention must be one of {CONVENTIONS}, got {convention!r}")
-        # the file holds exactly the requested levels, so any later level selection finds them
-        self.generator_args = dict(
-            n_times=n_times,
-            start=start,
-            step_hours=step_hours,
-            levels=tuple(levels) if levels else (500.0, 850.0),
-            resolution_deg=resolution_deg,
-            convention=convention,
-            seed=generator_seed,
+            raise ValueError(f"generator convention must be one of {CONVENTIONS}, got {convention!r}")
+        self.kwargs = dict(
+            n_times=n_times, start=start, step_hours=step_hours, levels=tuple(levels),
+            resolution_deg=resolution_deg, convention=convention, seed=seed,
         )
 
-    def prepare_data(self) -> None:
-        if not Path(str(self.path)).is_file():
-            write_era5_like(str(self.path), **self.generator_args)
-        super().prepare_data()
-
-    def setup(self, stage: str | None = None) -> None:
-        # setup without prepare_data (a notebook, a test) still finds the file
-        if not Path(str(self.path)).is_file():
-            write_era5_like(str(self.path), **self.generator_args)
-        super().setup(stage)
+    def write(self, path: str | os.PathLike) -> Path:
+        return write_era5_like(str(path), **self.kwargs)

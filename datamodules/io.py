@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import xarray as xr
@@ -31,3 +32,15 @@ def write_netcdf(ds: xr.Dataset, path: str | os.PathLike, complevel: int = 4) ->
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+class DataGenerator(ABC):
+    """A built-in dataset: writes its NetCDF file when the datamodule's ``path`` is missing.
+
+    Subclasses hold the generator's flat typed arguments (so YAML configures them by
+    ``class_path``) and implement ``write``. Nothing is ever downloaded.
+    """
+
+    @abstractmethod
+    def write(self, path: str | os.PathLike) -> Path:
+        """Generate the data and write them atomically to ``path``."""

@@ -55,6 +55,7 @@ from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, default_collate
 
 from datamodules import cache as cache_mod
+from datamodules.io import DataGenerator
 
 log = logging.getLogger(__name__)
 
@@ -537,6 +538,8 @@ class NetCDFDataModule(pl.LightningDataModule):
         pool_policy: which to drop when full: ``"oldest"`` or ``"worst"`` (lowest score).
         pool_weight: loss weight of pool samples relative to real ones.
         seed: seed of the trajectory shuffle before splitting.
+        generator: a built-in dataset (``datamodules.synthetic.NavierStokesGenerator``,
+            ``datamodules.storm.StormGenerator``, ...) that writes ``path`` when it is missing.
     """
 
     def __init__(
@@ -574,6 +577,7 @@ class NetCDFDataModule(pl.LightningDataModule):
         pool_policy: str = "worst",
         pool_weight: float = 0.5,
         seed: int = 0,
+        generator: DataGenerator | None = None,
     ) -> None:
         super().__init__()
         if not variables:
@@ -650,6 +654,9 @@ class NetCDFDataModule(pl.LightningDataModule):
             float(pool_weight),
         )
         self.seed = int(seed)
+        self.generator = generator
+        if generator is not None and not isinstance(self.path, str):
+            raise ValueError("data.generator writes one file: give data.path as a single file name")
         self._layout: Layout | None = None
         self._data: np.ndarray | None = None
         self._cache_file: Path | None = None
@@ -1069,8 +1076,15 @@ class NetCDFDataModule(pl.LightningDataModule):
             },
         )
 
+    def _generate_if_missing(self) -> None:
+        if self.generator is not None and not Path(self.path).is_file():
+            log.info("%s is missing: generating it with %s", self.path, type(self.generator).__name__)
+            self.generator.write(self.path)
+
     def prepare_data(self) -> None:
-        """Convert to the memory-mapped cache once (rank 0; see ``cache_per_node``) when large."""
+        """Generate a missing built-in file; convert to the memory-mapped cache once when large
+        (rank 0; see ``cache_per_node``)."""
+        self._generate_if_missing()
         if self._use_cache():
             self._ensure_cache()
 
@@ -1089,6 +1103,8 @@ class NetCDFDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._stats is not None:
             return
+        # setup without prepare_data (a notebook, a test) still finds a built-in file
+        self._generate_if_missing()
         lay = self.layout()
         self.time_dim, self.y_dim, self.x_dim = lay.time_dim, lay.y_dim, lay.x_dim
         self.level_dim = lay.level_dim

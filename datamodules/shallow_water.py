@@ -41,7 +41,7 @@ from typing import NamedTuple
 import numpy as np
 import xarray as xr
 
-from datamodules.io import write_netcdf
+from datamodules.io import DataGenerator, write_netcdf
 
 DOMAIN_HALF_WIDTH: float = 2.5
 GRAVITY: float = 1.0
@@ -258,75 +258,23 @@ def write_shallow_water(
     return write_netcdf(ds, path)
 
 
-# the datamodule lives beside the generator; imported here so the generator stays importable alone
-from datamodules.netcdf import NetCDFDataModule  # noqa: E402
 
-
-class ShallowWaterDataModule(NetCDFDataModule):
-    """``NetCDFDataModule`` over generated dam breaks (channels ``h``, ``u``, ``v``).
-
-    The data arguments are those of ``NetCDFDataModule`` (trajectories split 70/15/15); the
-    generator arguments are those of ``generate_shallow_water``. The file is generated once in
-    ``prepare_data`` (rank 0), never downloaded. Frames are ``t_end / (n_frames - 1)`` apart.
-    """
+class ShallowWaterGenerator(DataGenerator):
+    """Radial dam breaks (arguments of ``generate_shallow_water``); variables h, u, v."""
 
     def __init__(
         self,
-        path: str = "data/shallow_water_64.nc",
-        variables: list[str] = ["h", "u", "v"],  # noqa: B006 (read-only default, as in YAML)
-        in_steps: int = 10,
-        out_steps: int = 10,
-        rollout_steps: int = 1,
-        stride: int = 1,
-        split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
-        check_only: bool = False,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        predict_split: str = "test",
-        pool_capacity: int = 256,
-        pool_policy: str = "worst",
-        pool_weight: float = 0.5,
-        seed: int = 0,
         n_trajectories: int = 16,
         resolution: int = 64,
         n_frames: int = 101,
         t_end: float = 1.0,
         cfl: float = 0.4,
-        generator_seed: int = 0,
+        seed: int = 0,
     ) -> None:
-        super().__init__(
-            path=path,
-            variables=variables,
-            in_steps=in_steps,
-            out_steps=out_steps,
-            rollout_steps=rollout_steps,
-            stride=stride,
-            split_fractions=split_fractions,
-            check_only=check_only,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            predict_split=predict_split,
-            pool_capacity=pool_capacity,
-            pool_policy=pool_policy,
-            pool_weight=pool_weight,
-            seed=seed,
-        )
-        self.generator_args = dict(
-            n_trajectories=n_trajectories,
-            resolution=resolution,
-            n_frames=n_frames,
-            t_end=t_end,
-            seed=generator_seed,
-            cfl=cfl,
+        self.kwargs = dict(
+            n_trajectories=n_trajectories, resolution=resolution, n_frames=n_frames, t_end=t_end,
+            cfl=cfl, seed=seed,
         )
 
-    def prepare_data(self) -> None:
-        if not Path(str(self.path)).is_file():
-            write_shallow_water(str(self.path), **self.generator_args)
-        super().prepare_data()
-
-    def setup(self, stage: str | None = None) -> None:
-        # setup without prepare_data (a notebook, a test) still finds the file
-        if not Path(str(self.path)).is_file():
-            write_shallow_water(str(self.path), **self.generator_args)
-        super().setup(stage)
+    def write(self, path: str | os.PathLike) -> Path:
+        return write_shallow_water(path, **self.kwargs)

@@ -8,22 +8,22 @@ import numpy as np
 import pytest
 
 from beamvq.cli import main
-from datamodules.era5 import ERA5LikeDataModule
-from datamodules.shallow_water import DOMAIN_HALF_WIDTH, ShallowWaterDataModule
+from datamodules.era5 import ERA5LikeGenerator
+from datamodules.netcdf import NetCDFDataModule
+from datamodules.shallow_water import DOMAIN_HALF_WIDTH, ShallowWaterGenerator
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_shallow_water_datamodule_conserves_mass(tmp_path: Path) -> None:
     res = 32
-    dm = ShallowWaterDataModule(
+    dm = NetCDFDataModule(
         path=str(tmp_path / "sw.nc"),
+        variables=["h", "u", "v"],
         in_steps=4,
         out_steps=4,
-        n_trajectories=4,
-        resolution=res,
-        n_frames=21,
         split_fractions=(0.5, 0.25, 0.25),
+        generator=ShallowWaterGenerator(n_trajectories=4, resolution=res, n_frames=21),
     )
     dm.prepare_data()
     dm.setup()
@@ -49,9 +49,14 @@ def test_shallow_water_datamodule_conserves_mass(tmp_path: Path) -> None:
 
 def test_era5_like_datamodule_generates_once(tmp_path: Path) -> None:
     path = tmp_path / "e.nc"
-    dm = ERA5LikeDataModule(
+    dm = NetCDFDataModule(
         path=str(path),
-        n_times=48,
+        variables=["z", "t", "t2m"],
+        levels=[500, 850],
+        in_steps=4,
+        out_steps=4,
+        time_step="6h",
+        generator=ERA5LikeGenerator(n_times=48),
         train_period=("2000-01-01", "2000-01-08"),
         val_period=("2000-01-09", "2000-01-10"),
         test_period=("2000-01-11", "2000-01-12"),
@@ -102,7 +107,7 @@ def test_era5_like_config_trains_from_the_cli(
             str(ROOT / "configs" / "data" / "era5_like.yaml"),
             "--data.init_args.path",
             str(tmp_path / "era5.nc"),
-            "--data.init_args.n_times",
+            "--data.init_args.generator.init_args.n_times",
             "48",
             "--data.init_args.train_period",
             "[2000-01-01, 2000-01-08]",
@@ -139,3 +144,10 @@ def test_era5_like_config_trains_from_the_cli(
     assert "val/loss" in metrics and np.isfinite(float(metrics["val/loss"]))
     # the model normalizes with the training split's statistics of the five channels
     np.testing.assert_allclose(cli.model.norm_mean.numpy(), dm.normalization.mean)
+    # lat-lon data: latitude-weighted metrics are chosen automatically
+    np.testing.assert_allclose(cli.model.lat_deg.numpy(), dm.latitude)
+    for key in ("val/lat_rmse", "val/acc", "val/lat_rmse_lead1", "val/acc_lead4"):
+        assert key in metrics and np.isfinite(float(metrics[key])), key
+    assert -1.0 <= float(metrics["val/acc"]) <= 1.0
+    # normalized-space MSE and physical lat-RMSE describe the same errors: RMSE is physical
+    assert float(metrics["val/lat_rmse"]) > 1.0  # z500 errors are in m^2 s^-2, far above 1

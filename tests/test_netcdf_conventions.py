@@ -11,7 +11,7 @@ import xarray as xr
 from datamodules.era5 import generate_era5_like, pack_encoding, write_era5_like
 from datamodules.io import write_netcdf
 from datamodules.netcdf import NetCDFDataModule
-from datamodules.synthetic import NavierStokesDataModule
+from datamodules.synthetic import NavierStokesGenerator
 
 # a tiny ERA5-like sample: 8 x 16 grid, 40 six-hourly steps (10 days)
 SMALL = dict(n_times=40, resolution_deg=22.5, levels=(500.0, 850.0))
@@ -224,13 +224,12 @@ def test_nan_fill_and_mask_policies(tmp_path: Path) -> None:
 
 
 def test_trajectory_files_split_by_sample(tmp_path: Path) -> None:
-    dm = NavierStokesDataModule(
+    dm = NetCDFDataModule(
         path=str(tmp_path / "ns.nc"),
+        variables=["vorticity"],
         in_steps=2,
         out_steps=2,
-        n_trajectories=6,
-        resolution=16,
-        n_frames=6,
+        generator=NavierStokesGenerator(n_trajectories=6, resolution=16, n_frames=6),
     )
     dm.prepare_data()
     dm.setup()
