@@ -39,7 +39,7 @@ from typing import NamedTuple
 import numpy as np
 import xarray as xr
 
-from datamodules.io import write_netcdf
+from datamodules.io import DataGenerator, write_netcdf
 from datamodules.netcdf import NetCDFDataModule
 
 #: SEVIR's frame spacing in minutes.
@@ -200,6 +200,19 @@ def write_storm(
         n_trajectories=n_trajectories, n_frames=n_frames, height=height, width=width, seed=seed
     )
     return write_netcdf(ds, path)
+
+
+
+class StormGenerator(DataGenerator):
+    """Moving storm cells on the VIL 0–255 scale (arguments of ``generate_storm``)."""
+
+    def __init__(
+        self, n_trajectories: int = 64, n_frames: int = 20, height: int = 64, width: int = 64, seed: int = 0
+    ) -> None:
+        self.kwargs = dict(n_trajectories=n_trajectories, n_frames=n_frames, height=height, width=width, seed=seed)
+
+    def write(self, path: str | os.PathLike) -> Path:
+        return write_storm(path, **self.kwargs)
 
 
 class StormDataModule(NetCDFDataModule):

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from datamodules.io import write_netcdf
+from datamodules.io import DataGenerator, write_netcdf
 from datamodules.netcdf import NetCDFDataModule
 
 log = logging.getLogger(__name__)
@@ -179,6 +179,30 @@ def write_navier_stokes(path: str | os.PathLike, **kwargs: float | int) -> Path:
     ds = generate_navier_stokes(**kwargs)  # type: ignore[arg-type]
     log.info("writing %s trajectories of Navier-Stokes vorticity to %s", ds.sizes["trajectory"], path)
     return write_netcdf(ds, path)
+
+
+
+class NavierStokesGenerator(DataGenerator):
+    """Navier–Stokes vorticity trajectories (arguments of ``generate_navier_stokes``)."""
+
+    def __init__(
+        self,
+        n_trajectories: int = 48,
+        resolution: int = 64,
+        n_frames: int = 20,
+        viscosity: float = 1e-3,
+        dt: float = 1e-2,
+        frame_interval: float = 1.0,
+        burn_in: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        self.kwargs = dict(
+            n_trajectories=n_trajectories, resolution=resolution, n_frames=n_frames,
+            viscosity=viscosity, dt=dt, frame_interval=frame_interval, burn_in=burn_in, seed=seed,
+        )
+
+    def write(self, path: str | os.PathLike) -> Path:
+        return write_navier_stokes(path, **self.kwargs)
 
 
 class NavierStokesDataModule(NetCDFDataModule):
