@@ -12,8 +12,10 @@ Choices the papers leave open, and ours:
 
 - When: at the end of training epoch ``e`` when ``e >= start_epoch`` and ``(e - start_epoch)`` is
   a multiple of ``every_n_epochs``; never at the last epoch of the fit (no epoch would train on
-  it) nor when the trainer is stopping. The search runs after validation and before the
-  epoch-end checkpoint, so a checkpoint holds the pool the next epoch trains on.
+  it) nor when the trainer is stopping. The search runs after the epoch's validation and before
+  a checkpoint saved at the epoch's end (Lightning runs checkpoint callbacks last; ModelCheckpoint
+  saves there when validation runs once per epoch), so that checkpoint holds the pool the next
+  epoch trains on; a checkpoint saved at validation end holds the pool before this search.
 - What: ``max_windows`` training windows, a subset drawn afresh each epoch (seeded by
   ``seed`` and the epoch, so a resumed run draws the same ones), through
   ``datamodule.training_windows`` only: never validation or test data. Optionally
@@ -301,7 +303,6 @@ class BeamSearchAugmentation(pl.Callback):
         self.seed = int(seed)
         self.pool_output = pool_output
         self.history: list[EpochRecord] = []
-        self._scorers_fitted = False
         self._epoch_start = 0.0
         self._val_start: float | None = None
         self._val_seconds = 0.0
@@ -353,8 +354,7 @@ class BeamSearchAugmentation(pl.Callback):
         return int(self.candidate_k or pl_module.hparams.candidate_k)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._scorers_fitted:
-            return
+        # fitted at every fit start (cheap, deterministic): a resumed run gets the same climatology
         scorers = list({id(s): s for s in (self.scorer, self.unlabelled_scorer)}.values())
         to_fit = [s for s in scorers if callable(getattr(s, "fit", None))]
         if to_fit:
@@ -367,7 +367,6 @@ class BeamSearchAugmentation(pl.Callback):
                 f"BeamSearchAugmentation: fitted {[type(s).__name__ for s in to_fit]} on "
                 f"{y.shape[0]} training targets"
             )
-        self._scorers_fitted = True
 
     # -- timing of the training epoch -------------------------------------------------------------
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -403,7 +402,8 @@ class BeamSearchAugmentation(pl.Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            with torch.no_grad():
+            # the numerics of validation (autocast under mixed precision), without gradients
+            with torch.no_grad(), trainer.precision_plugin.forward_context():
                 gathered = self._search_epoch(trainer, pl_module)
         finally:
             pl_module.train(was_training)
@@ -460,17 +460,15 @@ class BeamSearchAugmentation(pl.Callback):
             if x_all.shape[0] == 0:
                 continue
             mine = shard(x_all.shape[0], rank, world)
-            x_mine = x_all[mine.positions].to(device)
-            y_mine = None if y_all is None else y_all[mine.positions].to(device)
+            # inputs in the module's dtype and device, as the precision plugin feeds batches
+            x_mine = trainer.precision_plugin.convert_input(x_all[mine.positions]).to(device)
+            y_mine = None
+            if y_all is not None:
+                y_mine = trainer.precision_plugin.convert_input(y_all[mine.positions]).to(device)
             out = self.search(pl_module, x_mine, y_mine, scorer)
-            parts.append(
-                (
-                    (mine.positions + offset).to(device),
-                    mine.valid.to(device),
-                    x_mine,
-                    out,
-                )
-            )
+            # the pool keeps the inputs as the data hold them (not a low-precision copy)
+            x_pool = x_all[mine.positions].to(device)
+            parts.append(((mine.positions + offset).to(device), mine.valid.to(device), x_pool, out))
         if not parts:
             empty = torch.empty(0)
             return Accepted(empty, empty, empty, 0, float("nan"))
@@ -511,15 +509,23 @@ class BeamSearchAugmentation(pl.Callback):
             ]
         if len(starts) == 0:
             return torch.empty(0)
-        x = np.stack([ds.data[s, t0 : t0 + ds.in_steps] for s, t0 in starts])
-        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        x = np.stack([np.asarray(ds.data[s, t0 : t0 + ds.in_steps]) for s, t0 in starts])
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        # the datamodule's NaN policy "fill" replaces missing values per channel in its windows
+        fill = getattr(ds, "fill", None)
+        if fill is not None:
+            bad = ~np.isfinite(x)
+            x[bad] = np.broadcast_to(np.asarray(fill, np.float32).reshape(1, 1, -1, 1, 1), x.shape)[
+                bad
+            ]
+        return torch.from_numpy(x)
 
     def search(
         self, pl_module: pl.LightningModule, x: Tensor, y: Tensor | None, scorer: Scorer
     ) -> SearchOutput:
         """Beam search + self-ensemble + filter for physical inputs ``x`` (and targets ``y``).
 
-        Call in eval mode under ``no_grad``. Searched ``search_batch_size`` inputs at a time.
+        Call in eval mode under ``no_grad``. Searches ``search_batch_size`` inputs at a time.
         """
         step_fn: Callable[[Tensor], Tensor] = pl_module.search_step_fn(self._k(pl_module))
         to_phys = pl_module.denormalize

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import functools
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -286,6 +287,22 @@ def test_future_free_starts() -> None:
         assert t0 + 2 - 1 <= t_last + 4 - 1
 
 
+def test_unlabelled_inputs_follow_the_last_windows_and_the_fill_policy() -> None:
+    data = np.arange(2 * 9 * 2 * 1 * 1, dtype=np.float32).reshape(2, 9, 2, 1, 1)
+    data[1, 6, 1] = np.nan
+    starts = np.array([[1, 0], [1, 1], [1, 2], [1, 3]])  # sample 0 belongs to another split
+    ds = SimpleNamespace(data=data, starts=starts, in_steps=2, target_steps=4, fill=[-1.0, -2.0])
+    dm = SimpleNamespace(dataset=lambda split: ds if split == "train" else None)
+    cb = BeamSearchAugmentation(SpectrumScorer(), unlabelled_windows=10)
+    x = cb.unlabelled_inputs(dm, epoch=0).numpy()
+    assert x.shape == (4, 2, 2, 1, 1)  # t0 = 4..7 of sample 1
+    expected = np.stack([data[1, t0 : t0 + 2] for t0 in range(4, 8)])
+    expected[np.isnan(expected)] = -2.0  # channel 1's fill value
+    np.testing.assert_array_equal(x, expected)
+    cb_two = BeamSearchAugmentation(SpectrumScorer(), unlabelled_windows=2)
+    assert cb_two.unlabelled_inputs(dm, epoch=3).shape[0] == 2
+
+
 # -- checks before work -----------------------------------------------------------------------
 
 
@@ -353,7 +370,7 @@ def shrink_config(name: str, tmp: Path) -> Path:
     """``configs/<name>`` at test size, every output under ``tmp``."""
     cfg = yaml.safe_load((ROOT / "configs" / name).read_text())
     tr = cfg["trainer"]
-    tr.update(max_epochs=2, limit_train_batches=2, limit_val_batches=1, limit_test_batches=1,
+    tr.update(max_epochs=2, limit_train_batches=1, limit_val_batches=1, limit_test_batches=1,
               logger=False, enable_progress_bar=False, enable_model_summary=False,
               default_root_dir=str(tmp / "run"))  # fmt: skip
     kept = []
@@ -366,7 +383,7 @@ def shrink_config(name: str, tmp: Path) -> Path:
         if "output" in args:
             args["output"] = str(tmp / "pred.nc")
         if cb["class_path"].endswith("BeamSearchAugmentation"):
-            args.update(start_epoch=0, every_n_epochs=1, max_windows=4, fit_windows=8)
+            args.update(start_epoch=0, every_n_epochs=1, max_windows=2, fit_windows=8, beam_width=2)
             if args.get("pool_output"):
                 args["pool_output"] = str(tmp / "pool.nc")
             if args.get("unlabelled_windows"):
@@ -378,8 +395,9 @@ def shrink_config(name: str, tmp: Path) -> Path:
     data.update(path=str(tmp / "data.nc"), n_trajectories=6, n_frames=window + 1, batch_size=4)
     for key in ("resolution", "height", "width"):
         if key in data:
-            data[key] = 32
+            data[key] = 16
     cfg["model"]["bottleneck"]["init_args"]["codebook_size"] = 32
+    cfg["model"]["backbone"]["init_args"].update(hid_s=8, hid_t=16, n_s=2, n_t=1)
     path = tmp / name.replace("/", "_")
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -396,7 +414,7 @@ def test_configs_run_beamvq_from_the_cli(
     (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, BeamSearchAugmentation)]
     unlabelled = cb.unlabelled_windows
     assert [r.epoch for r in cb.history] == [0]
-    assert cb.history[0].searched == 4 + unlabelled
+    assert cb.history[0].searched == 2 + unlabelled
     assert cli.datamodule.pool_size == cb.history[0].added == cb.history[0].accepted
     if name == "beamvq/ns.yaml":
         # the beam-searched test ensemble from the checkpoint, through the CLI
