@@ -5,7 +5,7 @@ learning rate at any batch size from one tuned pair ``(B0, lr0)`` and the noise 
 ``lr(B) = lr_max / (1/2 (sqrt(B_noise / B) + sqrt(B / B_noise)))``. This script checks it on the
 quickstart problem at toy size:
 
-- data: 2-D Navier–Stokes vorticity (``datamodules.synthetic.NavierStokesDataModule``: 24
+- data: 2-D Navier–Stokes vorticity (``datamodules.netcdf.NetCDFDataModule`` + ``NavierStokesGenerator``: 24
   trajectories of 20 frames at ``--resolution``², generated once into ``--data``), 5 frames in,
   5 out;
 - model: ``beamvq.module.ForecastModule`` with a small U-Net (base width 8, depth 2), no VQ
@@ -50,17 +50,18 @@ import torch
 from beamvq.backbones.unet import UNet
 from beamvq.module import ForecastModule
 from beamvq.tuning import NoiseScaleMonitor, lr_for_batch
-from datamodules.synthetic import NavierStokesDataModule
+from datamodules.netcdf import NetCDFDataModule
+from datamodules.synthetic import NavierStokesGenerator
 
 
 class RunResult(NamedTuple):
     val_mse: float
     module: ForecastModule
-    datamodule: NavierStokesDataModule
+    datamodule: NetCDFDataModule
 
 
 def measure_noise_scale(
-    module: ForecastModule, dm: NavierStokesDataModule, n_batches: int
+    module: ForecastModule, dm: NetCDFDataModule, n_batches: int
 ) -> float:
     """tr(Σ)/|G|² at the module's current weights: ratio of averaged single-batch estimates."""
     monitor = NoiseScaleMonitor()
@@ -89,14 +90,12 @@ def train_once(
 ) -> RunResult:
     """Train one model for ``steps`` steps and return its validation MSE."""
     pl.seed_everything(seed, verbose=False)
-    dm = NavierStokesDataModule(
+    dm = NetCDFDataModule(
         path=str(data_path),
+        variables=["vorticity"],
         batch_size=batch_size,
-        n_trajectories=24,
-        resolution=resolution,
-        n_frames=20,
         seed=0,
-        generator_seed=0,
+        generator=NavierStokesGenerator(n_trajectories=24, resolution=resolution, n_frames=20, seed=0),
     )
     module = ForecastModule(
         backbone=UNet(5, 5, 1, 1, base_width=8, depth=2, norm_groups=4),

@@ -129,9 +129,9 @@ def build(args: argparse.Namespace, data: str) -> tuple[ForecastModule, pl.Light
     ]
     if args.quick:
         overrides += [
-            "--data.init_args.n_trajectories=8",
-            "--data.init_args.resolution=32",
-            "--data.init_args.n_frames=12",
+            "--data.init_args.generator.init_args.n_trajectories=8",
+            "--data.init_args.generator.init_args.resolution=32",
+            "--data.init_args.generator.init_args.n_frames=12",
         ]
     cli = BeamVQCLI(
         ForecastModule,

@@ -40,7 +40,6 @@ import numpy as np
 import xarray as xr
 
 from datamodules.io import DataGenerator, write_netcdf
-from datamodules.netcdf import NetCDFDataModule
 
 #: SEVIR's frame spacing in minutes.
 FRAME_MINUTES: float = 5.0
@@ -202,72 +201,20 @@ def write_storm(
     return write_netcdf(ds, path)
 
 
-
 class StormGenerator(DataGenerator):
     """Moving storm cells on the VIL 0–255 scale (arguments of ``generate_storm``)."""
 
     def __init__(
-        self, n_trajectories: int = 64, n_frames: int = 20, height: int = 64, width: int = 64, seed: int = 0
-    ) -> None:
-        self.kwargs = dict(n_trajectories=n_trajectories, n_frames=n_frames, height=height, width=width, seed=seed)
-
-    def write(self, path: str | os.PathLike) -> Path:
-        return write_storm(path, **self.kwargs)
-
-
-class StormDataModule(NetCDFDataModule):
-    """``NetCDFDataModule`` over generated storm cells (variable ``vil``); writes the file if missing.
-
-    The generator arguments are those of ``generate_storm``. The file is generated once in
-    ``prepare_data`` (rank 0 only under DDP), never downloaded; a file already at ``path`` is used
-    as it is, so give each generator setting its own path.
-    """
-
-    def __init__(
         self,
-        path: str = "data/storm_64.nc",
-        in_steps: int = 6,
-        out_steps: int = 6,
-        rollout_steps: int = 1,
-        stride: int = 1,
-        split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
-        batch_size: int = 8,
-        num_workers: int = 0,
-        predict_split: str = "test",
-        pool_capacity: int = 256,
-        pool_policy: str = "worst",
-        pool_weight: float = 0.5,
-        seed: int = 0,
         n_trajectories: int = 64,
         n_frames: int = 20,
         height: int = 64,
         width: int = 64,
-        generator_seed: int = 0,
+        seed: int = 0,
     ) -> None:
-        super().__init__(
-            path=path,
-            variables=["vil"],
-            in_steps=in_steps,
-            out_steps=out_steps,
-            rollout_steps=rollout_steps,
-            stride=stride,
-            split_fractions=split_fractions,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            predict_split=predict_split,
-            pool_capacity=pool_capacity,
-            pool_policy=pool_policy,
-            pool_weight=pool_weight,
-            seed=seed,
-        )
-        self.generator_args = dict(
-            n_trajectories=n_trajectories,
-            n_frames=n_frames,
-            height=height,
-            width=width,
-            seed=generator_seed,
+        self.kwargs = dict(
+            n_trajectories=n_trajectories, n_frames=n_frames, height=height, width=width, seed=seed
         )
 
-    def prepare_data(self) -> None:
-        if not Path(self.path).is_file():
-            write_storm(self.path, **self.generator_args)
+    def write(self, path: str | os.PathLike) -> Path:
+        return write_storm(path, **self.kwargs)

@@ -27,7 +27,6 @@ import numpy as np
 import xarray as xr
 
 from datamodules.io import DataGenerator, write_netcdf
-from datamodules.netcdf import NetCDFDataModule
 
 log = logging.getLogger(__name__)
 
@@ -151,14 +150,30 @@ def generate_navier_stokes(
             "vorticity": (
                 ("trajectory", "time", "y", "x"),
                 w,
-                {"units": "s-1", "long_name": "vorticity", "standard_name": "atmosphere_relative_vorticity"},
+                {
+                    "units": "s-1",
+                    "long_name": "vorticity",
+                    "standard_name": "atmosphere_relative_vorticity",
+                },
             )
         },
         coords={
-            "trajectory": ("trajectory", np.arange(n_trajectories), {"long_name": "trajectory index"}),
+            "trajectory": (
+                "trajectory",
+                np.arange(n_trajectories),
+                {"long_name": "trajectory index"},
+            ),
             "time": ("time", time, {"units": "1", "long_name": "model time (dimensionless)"}),
-            "y": ("y", coord, {"units": "1", "long_name": "y coordinate (unit square)", "axis": "Y"}),
-            "x": ("x", coord, {"units": "1", "long_name": "x coordinate (unit square)", "axis": "X"}),
+            "y": (
+                "y",
+                coord,
+                {"units": "1", "long_name": "y coordinate (unit square)", "axis": "Y"},
+            ),
+            "x": (
+                "x",
+                coord,
+                {"units": "1", "long_name": "x coordinate (unit square)", "axis": "X"},
+            ),
         },
         attrs={
             "title": "2-D incompressible Navier-Stokes, vorticity form (FNO benchmark recipe)",
@@ -177,9 +192,10 @@ def generate_navier_stokes(
 def write_navier_stokes(path: str | os.PathLike, **kwargs: float | int) -> Path:
     """Generate (see ``generate_navier_stokes`` for the arguments) and write atomically."""
     ds = generate_navier_stokes(**kwargs)  # type: ignore[arg-type]
-    log.info("writing %s trajectories of Navier-Stokes vorticity to %s", ds.sizes["trajectory"], path)
+    log.info(
+        "writing %s trajectories of Navier-Stokes vorticity to %s", ds.sizes["trajectory"], path
+    )
     return write_netcdf(ds, path)
-
 
 
 class NavierStokesGenerator(DataGenerator):
@@ -197,57 +213,15 @@ class NavierStokesGenerator(DataGenerator):
         seed: int = 0,
     ) -> None:
         self.kwargs = dict(
-            n_trajectories=n_trajectories, resolution=resolution, n_frames=n_frames,
-            viscosity=viscosity, dt=dt, frame_interval=frame_interval, burn_in=burn_in, seed=seed,
+            n_trajectories=n_trajectories,
+            resolution=resolution,
+            n_frames=n_frames,
+            viscosity=viscosity,
+            dt=dt,
+            frame_interval=frame_interval,
+            burn_in=burn_in,
+            seed=seed,
         )
 
     def write(self, path: str | os.PathLike) -> Path:
         return write_navier_stokes(path, **self.kwargs)
-
-
-class NavierStokesDataModule(NetCDFDataModule):
-    """``NetCDFDataModule`` over generated Navier–Stokes vorticity; writes the file if missing.
-
-    The generator arguments are those of ``generate_navier_stokes``. The file is generated once
-    in ``prepare_data`` (rank 0 only under DDP), never downloaded.
-    """
-
-    def __init__(
-        self,
-        path: str = "data/navier_stokes_64.nc",
-        in_steps: int = 5,
-        out_steps: int = 5,
-        rollout_steps: int = 1,
-        stride: int = 1,
-        split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
-        batch_size: int = 8,
-        num_workers: int = 0,
-        predict_split: str = "test",
-        pool_capacity: int = 256,
-        pool_policy: str = "worst",
-        pool_weight: float = 0.5,
-        seed: int = 0,
-        n_trajectories: int = 48,
-        resolution: int = 64,
-        n_frames: int = 20,
-        viscosity: float = 1e-3,
-        dt: float = 1e-2,
-        frame_interval: float = 1.0,
-        burn_in: float = 0.0,
-        generator_seed: int = 0,
-    ) -> None:
-        super().__init__(
-            path=path, variables=["vorticity"], in_steps=in_steps, out_steps=out_steps,
-            rollout_steps=rollout_steps, stride=stride, split_fractions=split_fractions,
-            batch_size=batch_size, num_workers=num_workers, predict_split=predict_split,
-            pool_capacity=pool_capacity, pool_policy=pool_policy, pool_weight=pool_weight, seed=seed,
-        )
-        self.generator_args = dict(
-            n_trajectories=n_trajectories, resolution=resolution, n_frames=n_frames,
-            viscosity=viscosity, dt=dt, frame_interval=frame_interval, burn_in=burn_in,
-            seed=generator_seed,
-        )
-
-    def prepare_data(self) -> None:
-        if not Path(self.path).is_file():
-            write_navier_stokes(self.path, **self.generator_args)

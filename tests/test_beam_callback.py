@@ -31,7 +31,8 @@ from callbacks.beam_search import (
     merge_gathered,
     shard,
 )
-from datamodules.synthetic import NavierStokesDataModule, write_navier_stokes
+from datamodules.netcdf import NetCDFDataModule
+from datamodules.synthetic import NavierStokesGenerator, write_navier_stokes
 
 ROOT = Path(__file__).resolve().parents[1]
 T_IN, T_OUT, STEPS, K = 2, 2, 2, 3
@@ -44,14 +45,15 @@ def ns_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-class SpyDataModule(NavierStokesDataModule):
+class SpyDataModule(NetCDFDataModule):
     """Records which data the callback asks for while ``recording``."""
 
     def __init__(self, path: str) -> None:
         super().__init__(
-            path=path, in_steps=T_IN, out_steps=T_OUT, rollout_steps=STEPS, batch_size=4,
-            split_fractions=(0.5, 0.25, 0.25), pool_capacity=1000, n_trajectories=6,
-            resolution=16, n_frames=9,
+            path=path, variables=["vorticity"], in_steps=T_IN, out_steps=T_OUT,
+            rollout_steps=STEPS, batch_size=4, split_fractions=(0.5, 0.25, 0.25),
+            pool_capacity=1000,
+            generator=NavierStokesGenerator(n_trajectories=6, resolution=16, n_frames=9),
         )  # fmt: skip
         self.recording = False
         self.calls: list[tuple] = []
@@ -392,10 +394,12 @@ def shrink_config(name: str, tmp: Path) -> Path:
     tr["callbacks"] = kept
     data = cfg["data"]["init_args"]
     window = data["in_steps"] + data["out_steps"] * data["rollout_steps"]
-    data.update(path=str(tmp / "data.nc"), n_trajectories=6, n_frames=window + 1, batch_size=4)
+    data.update(path=str(tmp / "data.nc"), batch_size=4)
+    gen = data["generator"]["init_args"]
+    gen.update(n_trajectories=6, n_frames=window + 1)
     for key in ("resolution", "height", "width"):
-        if key in data:
-            data[key] = 16
+        if key in gen:
+            gen[key] = 16
     cfg["model"]["bottleneck"]["init_args"]["codebook_size"] = 32
     cfg["model"]["backbone"]["init_args"].update(hid_s=8, hid_t=16, n_s=2, n_t=1)
     path = tmp / name.replace("/", "_")

@@ -15,8 +15,8 @@ from datamodules.synthetic import write_navier_stokes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "--data.init_args.n_trajectories", "6", "--data.init_args.resolution", "32",
-    "--data.init_args.n_frames", "12", "--data.init_args.batch_size", "4",
+    "--data.init_args.generator.init_args.n_trajectories", "6", "--data.init_args.generator.init_args.resolution", "32",
+    "--data.init_args.generator.init_args.n_frames", "12", "--data.init_args.batch_size", "4",
     "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
     "--trainer.limit_val_batches", "2", "--trainer.limit_predict_batches", "2",
     "--model.bottleneck.init_args.codebook_size", "32",
@@ -60,7 +60,7 @@ def test_fit_leaves_checkpoint_wandb_run_and_png(fitted: Path) -> None:
     assert media, "the offline W&B run holds no forecast image"
     # the resolved config is saved beside the run (and logged to W&B as hyper-parameters)
     config = (fitted / "run" / "config.yaml").read_text()
-    assert "NavierStokesDataModule" in config and "SimVPv2" in config
+    assert "NavierStokesGenerator" in config and "SimVPv2" in config
 
 
 def test_predict_writes_physical_netcdf(fitted: Path) -> None:
@@ -104,22 +104,20 @@ def test_missing_file_without_generation(tmp_path: Path, tiny_file: Path) -> Non
     cfg = quickstart_in(tmp_path)
     with pytest.raises(FileNotFoundError, match="missing.nc"):
         main(["fit", "--config", str(cfg), *TINY, "--trainer.logger", "false",
-              "--data", "datamodules.netcdf.NetCDFDataModule",
-              "--data.init_args.path", str(tmp_path / "missing.nc"),
-              "--data.init_args.variables", "[vorticity]"])
+              "--data.init_args.generator", "null",
+              "--data.init_args.path", str(tmp_path / "missing.nc")])
 
 
 def test_missing_variable(tmp_path: Path, tiny_file: Path) -> None:
     cfg = quickstart_in(tmp_path)
     with pytest.raises(ValueError, match=r"ns.nc: variable\(s\) \['temperature'\] not in"):
         main(["fit", "--config", str(cfg), "--trainer.logger", "false",
-              "--data", "datamodules.netcdf.NetCDFDataModule",
               "--data.init_args.path", str(tiny_file),
               "--data.init_args.variables", "[temperature]"])
 
 
 def test_window_longer_than_series(tmp_path: Path, tiny_file: Path) -> None:
-    with pytest.raises(ValueError, match="ns.nc: .*one window needs in_steps \+ out_steps x rollout_steps = 8 \+ 5 x 1 = 13"):
+    with pytest.raises(ValueError, match=r"ns.nc: .*one window needs in_steps \+ out_steps x rollout_steps = 8 \+ 5 x 1 = 13"):
         run_fit(tmp_path, "--data.init_args.in_steps", "8", "--model.backbone.init_args.in_steps", "8")
 
 
@@ -148,5 +146,5 @@ def test_print_config_composes(tmp_path: Path, capsys: pytest.CaptureFixture) ->
         main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"),
               "--config", str(ROOT / "configs/backbones/fno.yaml"), "--print_config"])
     out = capsys.readouterr().out
-    assert "beamvq.backbones.FNO" in out and "NavierStokesDataModule" in out
+    assert "beamvq.backbones.FNO" in out and "NavierStokesGenerator" in out
     json.dumps(out)  # printable text

@@ -18,7 +18,8 @@ from beamvq.backbones import ResNet
 from beamvq.bottleneck import VQBottleneck
 from beamvq.module import EnsembleMetrics, ForecastMetrics, ForecastModule
 from callbacks.prediction_writer import NetCDFPredictionWriter
-from datamodules.synthetic import NavierStokesDataModule, write_navier_stokes
+from datamodules.netcdf import NetCDFDataModule
+from datamodules.synthetic import NavierStokesGenerator, write_navier_stokes
 
 T_IN, T_OUT, STEPS, K = 2, 2, 2, 3
 
@@ -30,10 +31,11 @@ def ns_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def make_dm(path: Path) -> NavierStokesDataModule:
-    return NavierStokesDataModule(
-        path=str(path), in_steps=T_IN, out_steps=T_OUT, rollout_steps=STEPS, batch_size=4,
-        split_fractions=(0.5, 0.25, 0.25), n_trajectories=6, resolution=16, n_frames=9,
+def make_dm(path: Path) -> NetCDFDataModule:
+    return NetCDFDataModule(
+        path=str(path), variables=["vorticity"], in_steps=T_IN, out_steps=T_OUT,
+        rollout_steps=STEPS, batch_size=4, split_fractions=(0.5, 0.25, 0.25),
+        generator=NavierStokesGenerator(n_trajectories=6, resolution=16, n_frames=9),
     )  # fmt: skip
 
 

@@ -236,9 +236,9 @@ def test_quickstart_trains_one_epoch(config: str, quickstart_data: Path) -> None
             "--trainer.enable_model_summary=false",
             f"--trainer.default_root_dir={quickstart_data.parent}",
             f"--data.init_args.path={quickstart_data}",
-            "--data.init_args.n_trajectories=6",
-            "--data.init_args.resolution=32",
-            "--data.init_args.n_frames=12",
+            "--data.init_args.generator.init_args.n_trajectories=6",
+            "--data.init_args.generator.init_args.resolution=32",
+            "--data.init_args.generator.init_args.n_frames=12",
         ]
     )  # fmt: skip
     trainer = cli.trainer
