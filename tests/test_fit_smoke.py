@@ -79,7 +79,11 @@ def test_fit_smoke(
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["beamvq"])  # pytest's own arguments are not the CLI's
     search_epoch = search_start_epoch()
-    data_args = [a for k, v in DATA_ARGS.items() for a in (f"--data.init_args.{k}", str(v))]
+    data_args = [
+        a
+        for k, v in DATA_ARGS.items()
+        for a in (f"--data.init_args.generator.init_args.{k}", str(v))
+    ]
     cli = main([
         "fit",
         "--config", str(QUICKSTART),
