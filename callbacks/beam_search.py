@@ -47,7 +47,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -55,6 +56,7 @@ import pytorch_lightning as pl
 import torch
 import xarray as xr
 from einops import rearrange
+from pytorch_lightning.callbacks import RichProgressBar
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
@@ -197,6 +199,39 @@ def pool_dataset(dm: Any) -> xr.Dataset:
             "source": f"beam-searched self-ensembles of forecasts on {dm.path}",
         },
     )
+
+
+@contextmanager
+def search_progress(
+    trainer: pl.Trainer | None, total: int, description: str
+) -> Iterator[Callable[[int], None]]:
+    """Advance a ``total``-step task on the trainer's progress bar (rank 0; no-op without one).
+
+    With a ``RichProgressBar`` the task joins the bar's own live display (a second rich display
+    would raise); with the TQDM bar it is a transient tqdm line.
+    """
+    bar = None if trainer is None else trainer.progress_bar_callback
+    if (
+        trainer is None
+        or not trainer.is_global_zero
+        or bar is None
+        or not bar.is_enabled
+        or total == 0
+    ):
+        yield lambda n=1: None
+        return
+    if isinstance(bar, RichProgressBar) and bar.progress is not None:
+        progress = bar.progress
+        task = progress.add_task(description, total=total)
+        try:
+            yield lambda n=1: progress.update(task, advance=n, refresh=True)
+        finally:
+            progress.remove_task(task)
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc=description, leave=False) as pbar:
+        yield pbar.update
 
 
 class BeamSearchAugmentation(pl.Callback):
@@ -528,29 +563,47 @@ class BeamSearchAugmentation(pl.Callback):
         Call in eval mode under ``no_grad``. Searches ``search_batch_size`` inputs at a time.
         """
         step_fn: Callable[[Tensor], Tensor] = pl_module.search_step_fn(self._k(pl_module))
-        to_phys = pl_module.denormalize
         steps = int(pl_module.rollout_steps)
         outs = []
-        for i in range(0, x.shape[0], self.search_batch_size):
-            xb = pl_module.normalize(x[i : i + self.search_batch_size])
-            ref = None if y is None else y[i : i + self.search_batch_size]
-            res = search.beam_search(
-                step_fn, xb, scorer, steps, self.beam_width, self.top_k,
-                reference=ref, to_physical=to_phys, accumulate=self.accumulate,
-            )  # fmt: skip
-            ens = search.ensemble(res.trajectories, res.scores, self.ensemble, self.temperature)
-            plain = pl_module.model.rollout(xb, steps).y
-            both = torch.stack([ens, plain], dim=1)
-            scored = search.score_trajectories(
-                scorer, xb, both, steps, reference=ref, to_physical=to_phys,
-                accumulate=self.accumulate,
-            )  # fmt: skip
-            ens_score, plain_score = scored.scores[:, 0], scored.scores[:, 1]
-            pseudo = to_phys(ens)
-            ok = torch.isfinite(rearrange(pseudo, "b ... -> b (...)")).all(1)
-            if self.only_improving:
-                ok = ok & search.select_improving(ens_score, plain_score, self.margin)
-            outs.append(SearchOutput(pseudo, ens_score, plain_score, ok))
+        n_batches = math.ceil(x.shape[0] / self.search_batch_size)
+        with search_progress(
+            pl_module._trainer, n_batches, f"beam search: {x.shape[0]} inputs"
+        ) as advance:
+            for i in range(0, x.shape[0], self.search_batch_size):
+                outs.append(self._search_batch(pl_module, step_fn, scorer, x, y, i, steps))
+                advance(1)
         if not outs:
             raise ValueError("BeamSearchAugmentation.search: no inputs")
         return SearchOutput(*(torch.cat(parts) for parts in zip(*outs)))
+
+    def _search_batch(
+        self,
+        pl_module: Any,
+        step_fn: Callable,
+        scorer: Scorer,
+        x: Tensor,
+        y: Tensor | None,
+        i: int,
+        steps: int,
+    ) -> SearchOutput:
+        """Search, ensemble and filter the inputs ``x[i : i + search_batch_size]``."""
+        to_phys = pl_module.denormalize
+        xb = pl_module.normalize(x[i : i + self.search_batch_size])
+        ref = None if y is None else y[i : i + self.search_batch_size]
+        res = search.beam_search(
+            step_fn, xb, scorer, steps, self.beam_width, self.top_k,
+            reference=ref, to_physical=to_phys, accumulate=self.accumulate,
+        )  # fmt: skip
+        ens = search.ensemble(res.trajectories, res.scores, self.ensemble, self.temperature)
+        plain = pl_module.model.rollout(xb, steps).y
+        both = torch.stack([ens, plain], dim=1)
+        scored = search.score_trajectories(
+            scorer, xb, both, steps, reference=ref, to_physical=to_phys,
+            accumulate=self.accumulate,
+        )  # fmt: skip
+        ens_score, plain_score = scored.scores[:, 0], scored.scores[:, 1]
+        pseudo = to_phys(ens)
+        ok = torch.isfinite(rearrange(pseudo, "b ... -> b (...)")).all(1)
+        if self.only_improving:
+            ok = ok & search.select_improving(ens_score, plain_score, self.margin)
+        return SearchOutput(pseudo, ens_score, plain_score, ok)

@@ -92,9 +92,21 @@ class NetCDFPredictionWriter(BasePredictionWriter):
         kind = "beam-searched trajectories, best first" if searched else "code-bank candidates"
         info = dm.window_info(dm.predict_split, index)
         n_lead = forecast.shape[1]
-        time = dm.coords[dm.time_dim].values
-        step = time[1] - time[0] if time.size > 1 else 1
+        time_attrs = dict(dm.coords[dm.time_dim].attrs)
+        # one forecast step is the spacing of a window's frames (data.time_step), not the file's
+        step = dm.time_step
         lead = np.arange(1, n_lead + 1) * step
+        lead_attrs = {"long_name": "forecast lead time", "standard_name": "forecast_period"}
+        if not np.issubdtype(np.asarray(lead).dtype, np.timedelta64):
+            # datetime leads are encoded by xarray ("hours"); numbers take the time's unit
+            # without its reference date ("days since 2000-01-01" -> "days")
+            units = str(time_attrs.get("units", "1")).split(" since ")[0]
+            lead_attrs["units"] = units
+        init_attrs = {k: v for k, v in time_attrs.items() if k in ("units", "calendar")} | {
+            "long_name": "time of the last input frame",
+            "standard_name": "forecast_reference_time",
+        }
+        valid = info.init_time[:, None] + lead[None, :]
         coords: dict[str, Any] = {
             "sample": ("sample", np.arange(forecast.shape[0]), {"long_name": "forecast window"}),
             "trajectory": (
@@ -102,30 +114,35 @@ class NetCDFPredictionWriter(BasePredictionWriter):
                 info.sample,
                 {"long_name": "sample (trajectory) of the input"},
             ),
-            "init_time": (
-                "sample",
-                info.init_time,
-                dict(dm.coords[dm.time_dim].attrs, long_name="time of the last input frame"),
-            ),
-            "lead_time": (
-                "lead_time",
-                lead,
-                {
-                    "long_name": "forecast lead time",
-                    "units": dm.coords[dm.time_dim].attrs.get("units", "time steps"),
-                },
+            "init_time": ("sample", info.init_time, init_attrs),
+            "lead_time": ("lead_time", lead, lead_attrs),
+            "valid_time": (
+                ("sample", "lead_time"),
+                valid,
+                {k: v for k, v in init_attrs.items() if k in ("units", "calendar")}
+                | {"long_name": "time the forecast is valid for", "standard_name": "time"},
             ),
         }
-        for dim, new in ((dm.y_dim, "y"), (dm.x_dim, "x")):
+        for dim, new, axis in ((dm.y_dim, "y", "Y"), (dm.x_dim, "x", "X")):
             if dim in dm.coords:
-                coords[new] = (new, dm.coords[dim].values, dict(dm.coords[dim].attrs))
+                attrs = dict(dm.coords[dim].attrs)
+                attrs.setdefault("axis", axis)
+                attrs.setdefault("long_name", f"{dim} coordinate")
+                coords[new] = (new, dm.coords[dim].values, attrs)
         data_vars: dict[str, Any] = {}
-        for c, name in enumerate(dm.variables):
+        # one variable per channel (``z500``, ``t850``, ``t2m``; the variable name when it has
+        # no levels) with the attributes of its source variable
+        for c, channel in enumerate(dm.layout().channels):
+            name = channel.name
             attrs = {
                 k: v
-                for k, v in dm.var_attrs.get(name, {}).items()
+                for k, v in dm.var_attrs.get(channel.variable, {}).items()
                 if k in ("units", "long_name", "standard_name")
             }
+            attrs.setdefault("long_name", channel.variable)
+            if channel.level is not None:
+                attrs["long_name"] = f"{attrs['long_name']} at level {channel.level:g}"
+                attrs["level"] = float(channel.level)
             data_vars[name] = (("sample", "lead_time", "y", "x"), forecast[:, :, c], attrs)
             if members is not None:
                 m = members[:, :, :, c]
@@ -154,7 +171,7 @@ class NetCDFPredictionWriter(BasePredictionWriter):
             coords["member"] = (
                 "member",
                 np.arange(members.shape[1]),
-                {"long_name": f"ensemble member ({what})"},
+                {"long_name": f"ensemble member ({what})", "standard_name": "realization"},
             )
             if searched:
                 data_vars["member_score"] = (
@@ -163,7 +180,7 @@ class NetCDFPredictionWriter(BasePredictionWriter):
                     {"long_name": "beam-search score of the member (higher is better)"},
                 )
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        return xr.Dataset(
+        ds = xr.Dataset(
             data_vars,
             coords=coords,
             attrs={
@@ -171,5 +188,10 @@ class NetCDFPredictionWriter(BasePredictionWriter):
                 "Conventions": "CF-1.8",
                 "source": f"beamvq forecasts of {dm.path}",
                 "history": f"{stamp}: {' '.join(sys.argv)} (checkpoint: {ckpt})",
+                "references": "BeamVQ: arXiv 2405.17051, 2502.18925",
             },
         )
+        for name in ds.coords:
+            # CF: coordinate variables hold no missing values, so they get no _FillValue
+            ds[name].encoding["_FillValue"] = None
+        return ds

@@ -1,0 +1,403 @@
+"""Run reports: a tiny fit leaves an offline W&B run with the forecast, ensemble, lead-time,
+code-bank and augmentation media (read back from the run's files), PNGs that are not blank, a
+rollout GIF, a CF prediction file, and a summary table; no network is touched."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import netCDF4
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from PIL import Image
+from pytorch_lightning.loggers import WandbLogger
+from wandb.proto import wandb_internal_pb2 as pb
+
+from beamvq import summary
+from beamvq.cli import main
+from callbacks.beam_search import EpochRecord
+from callbacks.plots import ForecastImageLogger, save_figure
+from callbacks.reports import (
+    AugmentationReport,
+    CodebookUsageReport,
+    LeadTimeReport,
+    PoolExample,
+    WandbArtifacts,
+    augmentation_figure,
+    code_usage,
+    find_truth,
+    lead_table,
+    markdown_table,
+)
+from datamodules.netcdf import NetCDFDataModule
+from datamodules.synthetic import write_navier_stokes
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = """
+seed_everything: 0
+trainer:
+  accelerator: cpu
+  devices: 1
+  max_epochs: 2
+  precision: 32-true
+  default_root_dir: {run}
+  log_every_n_steps: 1
+  limit_train_batches: 2
+  limit_val_batches: 1
+  limit_test_batches: 1
+  limit_predict_batches: 1
+  num_sanity_val_steps: 0
+  reload_dataloaders_every_n_epochs: 1
+  logger:
+    class_path: pytorch_lightning.loggers.WandbLogger
+    init_args: {{project: beamvq, name: tiny, save_dir: {run}}}
+  callbacks:
+    - class_path: pytorch_lightning.callbacks.ModelCheckpoint
+      init_args: {{dirpath: {run}/checkpoints, save_last: true, save_top_k: -1}}
+    - class_path: callbacks.beam_search.BeamSearchAugmentation
+      init_args:
+        start_epoch: 0
+        max_windows: 6
+        beam_width: 2
+        top_k: 2
+        only_improving: false
+        scorer: {{class_path: beamvq.metrics.NegMSEScorer}}
+    - class_path: callbacks.plots.ForecastImageLogger
+    - class_path: callbacks.reports.LeadTimeReport
+    - class_path: callbacks.reports.CodebookUsageReport
+    - class_path: callbacks.reports.AugmentationReport
+    - class_path: callbacks.reports.WandbArtifacts
+    - class_path: pytorch_lightning.callbacks.RichProgressBar
+    - class_path: callbacks.prediction_writer.NetCDFPredictionWriter
+      init_args: {{output: {run}/predictions.nc}}
+model:
+  backbone:
+    class_path: beamvq.backbones.SimVPv2
+    init_args: {{in_steps: 3, out_steps: 3, in_channels: 1, out_channels: 1,
+                hid_s: 8, hid_t: 16, n_s: 2, n_t: 1}}
+  bottleneck:
+    class_path: beamvq.bottleneck.VQBottleneck
+    init_args: {{codebook_size: 16}}
+  candidate_k: 3
+  candidate_loss_weight: 0.1
+  predict_members: 3
+data:
+  class_path: datamodules.netcdf.NetCDFDataModule
+  init_args:
+    path: {data}
+    variables: [vorticity]
+    in_steps: 3
+    out_steps: 3
+    batch_size: 4
+    generator:
+      class_path: datamodules.synthetic.NavierStokesGenerator
+      init_args: {{n_trajectories: 6, resolution: 16, n_frames: 10}}
+"""
+
+
+def _no_network(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Refuse in-process connections other than local ones (W&B's own service is local)."""
+    attempts: list[Any] = []
+    real = socket.socket.connect
+
+    def connect(self: socket.socket, address: Any) -> Any:
+        local = isinstance(address, (str, bytes)) or str(address[0]) in (
+            "127.0.0.1",
+            "localhost",
+            "::1",
+        )
+        if not local:
+            attempts.append(address)
+            raise OSError(f"test: network access to {address} refused")
+        return real(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    return attempts
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    tmp = tmp_path_factory.mktemp("reports")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WANDB_MODE", "offline")
+    mp.setenv("WANDB_SILENT", "true")
+    mp.chdir(tmp)
+    attempts = _no_network(mp)
+    try:
+        cfg = tmp / "tiny.yaml"
+        cfg.write_text(CONFIG.format(run=tmp / "run", data=tmp / "ns.nc"))
+        # as from the console: the prediction file's history names this command
+        mp.setattr(sys, "argv", ["beamvq", "fit", "--config", str(cfg)])
+        fit = main()
+        ckpts = sorted((tmp / "run" / "checkpoints").glob("epoch=*.ckpt"))
+        mp.setattr(
+            sys, "argv", ["beamvq", "predict", "--config", str(cfg), "--ckpt_path", str(ckpts[-1])]
+        )
+        main()
+        md = summary.main(
+            ["--config", str(cfg), "--ckpt", str(ckpts[0]), "--ckpt", str(ckpts[-1]),
+             "--out", str(tmp / "run" / "summary" / "summary.md"), "--no-logger"]
+        )  # fmt: skip
+    finally:
+        mp.undo()
+    return SimpleNamespace(
+        root=tmp / "run", fit=fit, ckpt=ckpts[-1], summary=md, network_attempts=attempts
+    )
+
+
+def _callback(trainer: Any, kind: type) -> Any:
+    return next(cb for cb in trainer.callbacks if isinstance(cb, kind))
+
+
+def wandb_records(path: Path) -> list[pb.Record]:
+    """Records of a W&B run file (LevelDB log format: 32 KiB blocks, 7-byte record headers;
+    the file starts with a 7-byte W&B header)."""
+    raw, pos, block, buf, out = path.read_bytes(), 7, 32768, b"", []
+    while pos + 7 <= len(raw):
+        if block - pos % block < 7:  # block trailer padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(raw[pos + 4 : pos + 6], "little"), raw[pos + 6]
+        data, pos = raw[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 2):
+            buf = data
+        elif kind in (3, 4):
+            buf += data
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            out.append(rec)
+    return out
+
+
+def _variance(path: Path) -> float:
+    return float(np.asarray(Image.open(path).convert("L"), dtype=np.float64).var())
+
+
+def test_offline_wandb_run_holds_the_report(run: SimpleNamespace) -> None:
+    runs = list((run.root / "wandb").glob("offline-run-*"))
+    fit_run = [r for r in runs if (r / "files" / "media" / "videos").is_dir()]
+    assert len(fit_run) == 1, runs
+    media = fit_run[0] / "files" / "media"
+    for key in ("val/forecast", "val/ensemble", "val/by_lead/plot", "codebook/usage_plot"):
+        images = list((media / "images").glob(f"{key}_*.png"))
+        assert len(images) == 2, key  # one per validation epoch
+    assert list((media / "images").glob("augment/panel_*.png"))
+    gifs = list((media / "videos" / "val").glob("rollout_*.gif"))
+    assert len(gifs) == 1 and Image.open(gifs[0]).n_frames == 3 + 3
+    # the per-lead table holds the metrics the module logged at the last validation
+    tables = sorted((media / "table" / "val" / "by_lead").glob("table_*.table.json"))
+    table = json.loads(tables[-1].read_text())
+    assert table["columns"][:3] == ["lead_time", "mse", "mae"]
+    metrics = run.fit.trainer.callback_metrics
+    last = max(tables, key=lambda p: int(p.name.split("_")[1]))
+    rows = json.loads(last.read_text())["data"]
+    assert [r[0] for r in rows] == [1, 2, 3]
+    np.testing.assert_allclose(
+        [r[1] for r in rows], [float(metrics[f"val/mse_lead{t}"]) for t in (1, 2, 3)], rtol=1e-5
+    )
+    # histogram, line charts and the resolved config, read back from the run's own log
+    records = wandb_records(next(fit_run[0].glob("run-*.wandb")))
+    history = {
+        it.key or "/".join(it.nested_key): it.value_json
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+        for it in r.history.item
+    }
+    config_keys = {
+        it.key or "/".join(it.nested_key)
+        for r in records
+        if r.WhichOneof("record_type") == "config"
+        for it in r.config.update
+    }
+    usage = json.loads(history["codebook/usage/values"])
+    assert len(usage) == 16 and sum(usage) > 0
+    assert "codebook/val_perplexity" in history and "augment/history/nrows" in history
+    assert "config" in config_keys and "_wandb/visualize/val/by_lead/mse" in config_keys
+    assert not run.network_attempts
+
+
+def test_pngs_show_something(run: SimpleNamespace) -> None:
+    plots = run.root / "plots"
+    names = {p.name for p in plots.glob("*.png")}
+    expected = {
+        "val_forecast_epoch000.png",
+        "val_forecast_epoch001.png",
+        "val_ensemble_epoch001.png",
+        "val_leads.png",
+        "codebook_usage.png",
+        "augment_epoch000.png",
+    }
+    assert expected <= names, names
+    for name in expected:
+        assert _variance(plots / name) > 100.0, name  # a blank figure has ~0 variance
+    gif = Image.open(plots / "val_rollout.gif")
+    frames = []
+    for i in range(gif.n_frames):
+        gif.seek(i)
+        frames.append(np.asarray(gif.convert("L"), dtype=np.float64))
+    assert len(frames) == 6 and np.abs(frames[-1] - frames[0]).mean() > 1.0
+
+
+def test_callbacks_report_what_the_run_did(run: SimpleNamespace) -> None:
+    trainer = run.fit.trainer
+    dm = trainer.datamodule
+    leads = _callback(trainer, LeadTimeReport)
+    assert [label for label, _ in leads.val_history] == ["epoch 0", "epoch 1"]
+    usage = _callback(trainer, CodebookUsageReport).usage
+    assert usage.counts.shape == (16,) and usage.counts.sum() > 0
+    assert float(trainer.callback_metrics["codebook/val_codes_used"]) == usage.codes_used
+    report = _callback(trainer, AugmentationReport)
+    assert [p.name for p in report.saved] == ["augment_epoch000.png"]
+    # pool samples are drawn with the truth of the training window they came from; the plain
+    # forecast runs in eval mode (the code bank does not move) and train mode comes back
+    module = run.fit.model
+    module.train()
+    codes = module.model.bottleneck.codebook.clone()
+    examples = report.pool_examples(dm, module)
+    assert module.training
+    torch.testing.assert_close(module.model.bottleneck.codebook, codes, rtol=0, atol=0)
+    assert len(examples) == 3
+    assert all(ex.truth is not None and ex.truth.shape == (16, 16) for ex in examples)
+    assert all(np.isfinite([ex.pseudo_rmse, ex.plain_rmse]).all() for ex in examples)
+    assert _callback(trainer, WandbArtifacts).logged == []  # offline: nothing uploaded
+
+
+def test_prediction_file_is_cf(run: SimpleNamespace) -> None:
+    path = run.root / "predictions.nc"
+    with netCDF4.Dataset(path) as nc:  # the C library ncdump uses
+        assert nc.Conventions == "CF-1.8"
+        assert "predict" in nc.history and str(run.ckpt) in nc.history
+        assert nc["vorticity"].units == "s-1" and nc["vorticity"].long_name
+        assert nc["lead_time"].units and nc["lead_time"].long_name
+        assert nc["x"].axis == "X" and nc["y"].axis == "Y"
+        assert nc["vorticity_members"].dimensions == ("sample", "member", "lead_time", "y", "x")
+    with xr.open_dataset(path) as ds:
+        assert ds["vorticity"].dims == ("sample", "lead_time", "y", "x")
+        spread = ds["vorticity_members"].std("member")
+        np.testing.assert_allclose(ds["vorticity_ens_spread"], spread, rtol=1e-4, atol=1e-6)
+
+
+def test_summary_compares_two_checkpoints(run: SimpleNamespace) -> None:
+    text = run.summary.read_text()
+    assert "| metric | base | beamvq | Δ |" in text
+    rows = [line for line in text.splitlines() if line.startswith("| +")]
+    assert [r.split("|")[1].strip() for r in rows] == ["+1", "+2", "+3"]
+    assert "MSE base" in text and "CRPS beamvq" in text
+    png = run.summary.with_name("summary_leads.png")
+    assert png.is_file() and _variance(png) > 100.0
+    for label in ("base", "beamvq"):
+        assert (run.summary.parent / label / "plots" / "test_leads.md").is_file()
+        assert (run.summary.parent / label / "plots" / "test_forecast.png").is_file()
+
+
+def test_lead_table_and_markdown() -> None:
+    metrics = {
+        "val/mse_lead2": 4.0, "val/mse_lead1": 1.0, "val/csi_m_lead1": 0.5,
+        "val/csi_m_lead2": 0.25, "val/csi_74": 0.3, "val/csi_16": 0.6, "val/pod_16": 0.7,
+        "val/csi_m": 0.4, "test/mse_lead1": 9.0, "val/mse": 2.5,
+    }  # fmt: skip
+    table = lead_table(metrics, "val")
+    assert table.leads == [1, 2]
+    assert table.by_lead == {"mse": [1.0, 4.0], "csi_m": [0.5, 0.25]}
+    assert table.thresholds == ["16", "74"]
+    assert table.by_threshold["csi"] == [0.6, 0.3]
+    assert np.isnan(table.by_threshold["pod"][1])
+    md = markdown_table(table)
+    assert "| +2 | 4 | 0.25 |" in md and "| 16 | 0.6 | 0.7 |" in md
+
+
+def test_code_usage_numbers() -> None:
+    u = code_usage(np.array([5, 5, 5, 5, 0, 0, 0, 0]))
+    assert u.perplexity == pytest.approx(4.0) and u.codes_used == 4 and u.dead_fraction == 0.5
+
+
+def test_summary_labels_and_markdown() -> None:
+    base = summary.collect({"test/mse": 2.0, "test/mse_lead1": 1.0, "test/csi_16": 0.5}, "a", "a")
+    new = summary.collect({"test/mse": 1.0, "test/mse_lead1": 0.5, "test/csi_16": 0.6}, "b", "b")
+    md = summary.markdown([base, new])
+    assert "| MSE | 2 | 1 | -50.0% |" in md
+    assert "| +1 | 0.5 | -50.0% |" not in md and "| +1 | 1 | 0.5 | -50.0% |" in md
+    assert "| 16 | 0.5 | 0.6 | +20.0% |" in md
+    assert summary._labels(["x.ckpt", "y.ckpt"], None) == ["base", "beamvq"]
+    with pytest.raises(ValueError, match="--label"):
+        summary._labels(["x.ckpt", "y.ckpt"], ["one"])
+
+
+def test_augmentation_panel_without_truth(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    field = rng.normal(size=(8, 8))
+    record = EpochRecord(0, 4, 1, 1, 1, 0.5, 0.1, 1.0)
+    unlabelled = PoolExample(field, field + 0.1, field, None, -1.0, 0)
+    fig = augmentation_figure([record], [unlabelled], 3, np.array([-1.0]), "no truth")
+    assert _variance(save_figure(fig, tmp_path / "a.png", 60)) > 100.0
+
+
+def test_find_truth_matches_training_windows(tmp_path: Path) -> None:
+    path = write_navier_stokes(tmp_path / "ns.nc", n_trajectories=4, resolution=16, n_frames=10)
+    dm = NetCDFDataModule(path=str(path), variables=["vorticity"], in_steps=3, out_steps=3)
+    dm.prepare_data()
+    dm.setup("fit")
+    ds = dm.dataset("train")
+    windows = [ds[i] for i in (1, len(ds) - 1)]
+    x = np.stack([w.x.numpy() for w in windows] + [np.zeros_like(windows[0].x.numpy())])
+    truth = find_truth(dm, x)
+    for w, t in zip(windows, truth[:2]):
+        np.testing.assert_array_equal(t, w.y.numpy())
+    assert truth[2] is None  # an input with no recorded future
+
+
+def test_artifacts_only_when_online(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt = tmp_path / "last.ckpt"
+    ckpt.write_bytes(b"weights")
+    logged: list[Any] = []
+    fake_run = SimpleNamespace(
+        id="abc",
+        settings=SimpleNamespace(mode="online"),
+        log_artifact=lambda a, aliases: logged.append(a),
+    )
+    logger = WandbLogger(save_dir=str(tmp_path), offline=False)
+    logger._experiment = fake_run
+    trainer = SimpleNamespace(
+        loggers=[logger],
+        checkpoint_callbacks=[
+            SimpleNamespace(best_model_path=str(ckpt), last_model_path=str(ckpt),
+                            best_model_score=torch.tensor(0.5), monitor="val/loss")
+        ],
+    )  # fmt: skip
+    cb = WandbArtifacts()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cb.on_fit_end(trainer, None)
+    assert logged == [] and cb.logged == []
+    monkeypatch.setenv("WANDB_MODE", "online")
+    cb.on_fit_end(trainer, None)
+    assert len(logged) == 1 and logged[0].type == "model"
+    assert [f.name for f in cb.logged[0][1]] == ["last.ckpt"]  # best == last: one file
+    assert logged[0].metadata == {"best val/loss": 0.5}
+
+
+def test_report_fragment_appends_callbacks(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(ROOT / "configs/beamvq/ns.yaml"),
+              "--config", str(ROOT / "configs/report.yaml"), "--print_config"])  # fmt: skip
+    out = capsys.readouterr().out
+    for name in ("ModelCheckpoint", "BeamSearchAugmentation", "ForecastImageLogger",
+                 "LeadTimeReport", "CodebookUsageReport", "AugmentationReport", "WandbArtifacts",
+                 "RichProgressBar"):  # fmt: skip
+        assert f".{name}" in out, name
+
+
+def test_bad_arguments_are_named() -> None:
+    with pytest.raises(ValueError, match="members"):
+        ForecastImageLogger(members=1)
+    with pytest.raises(ValueError, match="batches"):
+        CodebookUsageReport(batches=0)
+    with pytest.raises(ValueError, match="examples"):
+        AugmentationReport(examples=-1)
