@@ -5,7 +5,13 @@ Backbone, bottleneck, datamodule, logger, callbacks and strategy are chosen by c
 This is the only module that wires the model side to data, callbacks and precision plugins.
 
 W&B runs offline unless the environment says otherwise (``WANDB_MODE=online`` to upload,
-``WANDB_MODE=disabled`` to turn it off); nothing here touches the network by default.
+``WANDB_MODE=disabled`` to turn it off); nothing here touches the network by default. An online run
+that cannot start (no API key, wrong entity or project, no network) falls back to an offline run
+with a warning, within ``WANDB_INIT_TIMEOUT`` seconds (default 30), so training never waits on W&B.
+
+Checkpoints are written atomically (``beamvq.checkpoint_io.AtomicCheckpointIO`` replaces
+Lightning's default ``TorchCheckpointIO``; a ``CheckpointIO`` given in ``--trainer.plugins`` or by
+the strategy is kept). See docs/reliability.md for what resuming guarantees.
 """
 
 from __future__ import annotations
@@ -14,17 +20,24 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ProgressBar, RichProgressBar
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.plugins.io import CheckpointIO, TorchCheckpointIO
+from pytorch_lightning.utilities import rank_zero_only
 
 import beamvq.quant  # noqa: F401  (registers the precision strategies by name)
+from beamvq.checkpoint_io import AtomicCheckpointIO
 from beamvq.module import ForecastModule
 
 log = logging.getLogger("beamvq")
 
 _SPECIAL_CKPT = {"last", "best", "hpc", "registry"}
+_OFFLINE_MODES = {"offline", "dryrun", "disabled"}
+DEFAULT_WANDB_INIT_TIMEOUT = 30.0
 
 
 class LoggedSaveConfig(SaveConfigCallback):
@@ -55,6 +68,26 @@ class BeamVQCLI(LightningCLI):
     def _before(self) -> None:
         self._check_ckpt()
         self._check_data_only()
+        start_wandb(self.trainer)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> pl.Trainer:
+        # a rich progress bar by default, unless the run turns the bar off or names its own
+        given = list(config.get("callbacks") or []) + list(callbacks)
+        if config.get("enable_progress_bar", True) is not False and not any(
+            isinstance(c, ProgressBar) for c in given
+        ):
+            callbacks = [*callbacks, RichProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        plugins = kwargs.get(
+            "plugins", self._get(self.config_init, "trainer", default={}).get("plugins")
+        )
+        chosen = plugins if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in chosen):
+            use_atomic_checkpoints(trainer)
+        return trainer
 
     def before_fit(self) -> None:
         self._before()
@@ -69,8 +102,65 @@ class BeamVQCLI(LightningCLI):
         self._before()
 
 
+def use_atomic_checkpoints(trainer: pl.Trainer) -> None:
+    """Swap Lightning's default ``TorchCheckpointIO`` for ``AtomicCheckpointIO``.
+
+    Only the exact default class is replaced: one set by the strategy (async, XLA, sharded)
+    stays as it is; the CLI does not call this when ``--trainer.plugins`` names a
+    ``CheckpointIO``.
+    """
+    strategy = trainer.strategy
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+def _wandb_mode(logger: WandbLogger) -> str:
+    if logger._offline:
+        return "offline"
+    return str(logger._wandb_init.get("mode") or os.environ.get("WANDB_MODE") or "online")
+
+
+def start_wandb(trainer: pl.Trainer, init_timeout: float | None = None) -> None:
+    """Start every W&B run of ``trainer`` now; an online run that cannot start goes offline.
+
+    ``wandb.init`` gets ``init_timeout`` seconds (default: ``$WANDB_INIT_TIMEOUT`` or 30) unless
+    the logger's own ``settings`` say otherwise. Any failure to start online (no API key, an
+    unknown entity or project, an unreachable server) is logged as a warning and the logger is
+    switched to an offline run in the same ``save_dir``, which ``wandb sync`` can upload later.
+    Offline and disabled runs start lazily as usual; ranks other than 0 have no W&B run.
+    """
+    if rank_zero_only.rank != 0:
+        return
+    if init_timeout is None:
+        init_timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", DEFAULT_WANDB_INIT_TIMEOUT))
+    for logger in trainer.loggers:
+        if not isinstance(logger, WandbLogger) or logger._experiment is not None:
+            continue
+        if _wandb_mode(logger) in _OFFLINE_MODES:
+            continue
+        import wandb
+
+        logger._wandb_init.setdefault("settings", wandb.Settings(init_timeout=init_timeout))
+        try:
+            logger.experiment  # noqa: B018  (starts the run)
+        except Exception as err:  # wandb raises CommError, UsageError, AuthenticationError, ...
+            message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            log.warning(
+                "W&B could not start an online run (%s: %s); training goes on with an offline "
+                "run in %s (upload it later with `wandb sync`)",
+                type(err).__name__,
+                message,
+                logger.save_dir or "./wandb",
+            )
+            if wandb.run is not None:
+                wandb.finish()
+            logger._wandb_init["mode"] = "offline"
+            logger._experiment = None
+            logger.experiment  # noqa: B018
+
+
 def main(args: list[str] | None = None) -> BeamVQCLI:
-    """Entry point of the ``beamvq`` console script and ``python -m beamvq``."""
+    """Run the CLI and return it (``python -m beamvq``, tests, ``beamvq.summary``)."""
     os.environ.setdefault("WANDB_MODE", "offline")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cli = BeamVQCLI(
@@ -81,10 +171,16 @@ def main(args: list[str] | None = None) -> BeamVQCLI:
         save_config_callback=LoggedSaveConfig,
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
-        args=args if args is not None else sys.argv[1:],
+        args=args,
     )
     _finish_loggers(cli.trainer)
     return cli
+
+
+def console_main() -> None:
+    """Entry point of the ``beamvq`` console script: returns nothing, so the exit status is 0 on
+    success (``sys.exit`` of the CLI object would print it and exit with status 1)."""
+    main()
 
 
 def _finish_loggers(trainer: pl.Trainer) -> None:

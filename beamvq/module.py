@@ -19,6 +19,17 @@ code-bank rollouts (member i uses its i-th nearest code at every step), or, with
 by a reference-free ``predict_scorer`` (the inputs of ``predict`` have no recorded future).
 ``predict`` writes them beside the deterministic forecast; ``test`` also pools CRPS per lead
 (energy form, Gneiting & Raftery 2007) and spread/skill (Fortuin et al. 2014) over the set.
+
+Reliability (docs/reliability.md): a NaN/Inf training loss, a NaN/Inf gradient, or NaN/Inf
+entering a quantized layer (where the ExMy simulation would saturate an Inf to a finite value) is
+reported with the global step and the first layer that produced it, then stops the run
+(``nan_policy="stop"``, a ``FloatingPointError``) or skips the batch (``"skip"``: no optimizer
+step, the code bank and other buffers rolled back, counted in ``train/skipped_batches``). The
+decision is taken on every DDP rank together. Checkpoints carry the model's and the data's
+identity (backbone, shapes, variables, grid): loading one into a model or data it does not fit
+stops with a ``ValueError`` naming the difference. During ``fit`` they also carry every rank's
+random-number state, restored on resume so that a resumed CPU run ends bit-identical to an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -26,22 +37,97 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Callable, Sequence
+import random
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch import Tensor
+import torch.distributed as dist
+from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 from torchmetrics import Metric
 
 from beamvq import metrics, search
 from beamvq.backbones.base import Backbone
 from beamvq.bottleneck import VQBottleneck
 from beamvq.model import VQForecaster
+from beamvq.quant.layers import QUANT_CLASSES
 from beamvq.tuning import resolve_learning_rate
 
 log = logging.getLogger(__name__)
+
+NAN_POLICIES = ("stop", "skip")
+# checkpoint key of what beamvq adds: model/data identity, RNG states, fault counters
+CKPT_KEY = "beamvq"
+_QUANT_TYPES = tuple(set(QUANT_CLASSES.values()))
+_OPERANDS = ("x", "w", "dy")
+_SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+
+
+def class_path(obj: object) -> str:
+    """``module.QualName`` of ``obj``'s class."""
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def collect_rng_state() -> dict[str, Any]:
+    """The random-number states of this process: torch (CPU, CUDA if started), NumPy, Python.
+
+    Only tensors and plain Python values, so a checkpoint holding them still loads with
+    ``torch.load(weights_only=True)`` (the default of torch >= 2.6).
+    """
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Set the states ``collect_rng_state`` returned."""
+    torch.set_rng_state(state["torch"])
+    npy = state["numpy"]
+    keys = npy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((npy["name"], keys, npy["pos"], npy["has_gauss"], npy["gauss"]))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _quant_hook(flags: Tensor) -> Callable[..., None]:
+    """Forward hook of a quantized layer: flag non-finite X, W (now) and dY (in backward)."""
+
+    def flag_dy(grad: Tensor) -> None:
+        flags[2] |= ~torch.isfinite(grad).all()
+
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        with torch.no_grad():
+            flags[0] |= ~torch.isfinite(args[0]).all()
+            flags[1] |= ~torch.isfinite(module.weight).all()
+        if isinstance(output, Tensor) and output.requires_grad:
+            output.register_hook(flag_dy)
+
+    return hook
+
+
+def _has_non_finite(value: Any) -> bool:
+    leaves, _ = tree_flatten(value)
+    return any(
+        isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+        for t in leaves
+    )
 
 
 class StepOutput(NamedTuple):
@@ -62,6 +148,14 @@ class Prediction(NamedTuple):
     members: Tensor | None
     index: Tensor
     member_scores: Tensor | None = None
+
+
+class FaultSite(NamedTuple):
+    """Where a NaN/Inf comes from: ``kind`` is ``"data"``, ``"parameter"``, ``"buffer"``,
+    ``"layer"``, ``"loss"`` or ``"unknown"``; ``description`` says it in words."""
+
+    kind: str
+    description: str
 
 
 class Members(NamedTuple):
@@ -245,6 +339,12 @@ class ForecastModule(pl.LightningModule):
         lr_reference_batch_size, lr_b_noise: when given, ``lr`` is the learning rate tuned at
             ``lr_reference_batch_size`` and the optimizer uses the Surge rule's rate for the
             actual global batch (arXiv 2405.14578; ``beamvq.tuning``), logged at start.
+        nan_policy: what a NaN/Inf loss, gradient or quantized-layer operand does in training:
+            ``"stop"`` raises ``FloatingPointError`` naming the step and the layer; ``"skip"``
+            skips the batch (no optimizer step, buffers such as the code bank rolled back) with
+            a warning, and counts it in ``train/skipped_batches``.
+        nan_max_consecutive_skips: with ``"skip"``, this many skipped batches in a row stop the
+            run (the fault is then not a rare batch).
     """
 
     def __init__(
@@ -264,8 +364,16 @@ class ForecastModule(pl.LightningModule):
         predict_scorer: metrics.Scorer | None = None,
         lr_reference_batch_size: int | None = None,
         lr_b_noise: float | None = None,
+        nan_policy: str = "stop",
+        nan_max_consecutive_skips: int = 20,
     ) -> None:
         super().__init__()
+        if nan_policy not in NAN_POLICIES:
+            raise ValueError(f"model.nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+        if nan_max_consecutive_skips < 1:
+            raise ValueError(
+                f"model.nan_max_consecutive_skips must be >= 1, got {nan_max_consecutive_skips}"
+            )
         if (lr_reference_batch_size is None) != (lr_b_noise is None):
             raise ValueError(
                 "model.lr_reference_batch_size and model.lr_b_noise go together (the Surge rule "
@@ -315,6 +423,12 @@ class ForecastModule(pl.LightningModule):
         self.register_buffer("climatology", torch.empty(0))
         self.val_latlon = LatLonMetrics(horizon)
         self.test_latlon = LatLonMetrics(horizon)
+        # numerical-fault bookkeeping (see the module docstring); the count travels in checkpoints
+        self.skipped_batches = 0
+        self._consecutive_skips = 0
+        self._good_batches = 0  # finite batches since the last optimizer step
+        self._quant_flags: dict[str, Tensor] = {}
+        self._quant_hooks: list[Any] = []
 
     @staticmethod
     def _check_predict_search(
@@ -389,12 +503,168 @@ class ForecastModule(pl.LightningModule):
         if stage in ("test", "predict"):
             self.fit_predict_scorer(dm)
 
+    # -- checkpoints: identity, mismatches, RNG state -------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint of this model must match: backbone class and shapes, bottleneck.
+
+        ``rollout_steps`` is not part of it: a model trained on one step may forecast several.
+        """
+        bb, bn = self.model.backbone, self.model.bottleneck
+        return {
+            "backbone": class_path(bb),
+            "in_steps": int(bb.in_steps),
+            "out_steps": int(bb.out_steps),
+            "in_channels": int(bb.in_channels),
+            "out_channels": int(bb.out_channels),
+            "latent_dim": int(bb.latent_dim),
+            "bottleneck": None if bn is None else class_path(bn),
+            "codebook_shape": None if bn is None else list(bn.codebook.shape),
+        }
+
+    @staticmethod
+    def data_identity(dm: Any) -> dict[str, Any]:
+        """What a checkpoint records of the data it was trained on (class, channels, grid)."""
+        out: dict[str, Any] = {"datamodule": type(dm).__qualname__}
+        names = getattr(dm, "channel_names", None)
+        if names is not None:
+            out["variables"] = [str(n) for n in names]
+        grid = getattr(dm, "grid", None)
+        if grid is not None:
+            out["grid"] = [int(g) for g in grid]
+        return out
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        extra: dict[str, Any] = {
+            "model": self.identity(),
+            "data": None if dm is None else self.data_identity(dm),
+            "skipped_batches": self.skipped_batches,
+        }
+        if self._trainer is not None and self._trainer.state.fn == "fit":
+            # every rank's stream (Lightning calls this hook on all ranks; rank 0 writes)
+            states = [collect_rng_state()]
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                states = [None] * dist.get_world_size()
+                dist.all_gather_object(states, collect_rng_state())
+            extra["rng"] = states
+        checkpoint[CKPT_KEY] = extra
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the lat-lon buffers' shapes come from the data: size them like the checkpoint's
         state = checkpoint.get("state_dict", {})
         for name in ("lat_deg", "climatology"):
             if name in state:
                 setattr(self, name, torch.empty_like(state[name]))
+        self.check_checkpoint(checkpoint)
+        extra = checkpoint.get(CKPT_KEY) or {}
+        self.skipped_batches = int(extra.get("skipped_batches", 0))
+        trainer = self._trainer
+        states = extra.get("rng")
+        if trainer is not None and trainer.state.fn == "fit" and states:
+            rank = trainer.global_rank
+            if len(states) != trainer.world_size:
+                log.warning(
+                    "the checkpoint holds the random-number states of %d rank(s), this run has "
+                    "%d: the resumed run draws other random numbers than an uninterrupted one",
+                    len(states),
+                    trainer.world_size,
+                )
+            restore_rng_state(states[rank % len(states)])
+
+    def check_checkpoint(self, checkpoint: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` naming every way ``checkpoint`` does not fit this model and data.
+
+        Compares the recorded model identity (backbone class, steps, channels, latent width,
+        code bank), the weights' names and shapes, and the data the checkpoint was trained on
+        (variables, grid, and for ``fit`` the datamodule class that owns the augmented pool)
+        against this model and the trainer's datamodule; the message also lists the backbone's
+        and bottleneck's constructor arguments that differ, when both sides hold them.
+        """
+        problems: list[str] = []
+        extra = checkpoint.get(CKPT_KEY) or {}
+        saved_id = extra.get("model")
+        if saved_id:
+            mine = self.identity()
+            for key in mine:
+                if key in saved_id and saved_id[key] != mine[key]:
+                    problems.append(f"{key}: checkpoint {saved_id[key]}, this model {mine[key]}")
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        # sharding strategies hold sharded (or not yet materialized) weights at this point
+        if not isinstance(strategy, _SHARDED_STRATEGIES):
+            problems += self._weight_differences(checkpoint.get("state_dict") or {})
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        saved_data = extra.get("data")
+        if dm is not None and saved_data:
+            mine_data = self.data_identity(dm)
+            for key, label in (("variables", "data variables"), ("grid", "data grid (y, x)")):
+                if key in saved_data and key in mine_data and saved_data[key] != mine_data[key]:
+                    problems.append(
+                        f"{label}: checkpoint {saved_data[key]}, this data {mine_data[key]}"
+                    )
+            fitting = self._trainer.state.fn == "fit"
+            if fitting and saved_data.get("datamodule") not in (None, mine_data["datamodule"]):
+                problems.append(
+                    f"datamodule: the checkpoint's state (augmented pool) was saved by "
+                    f"{saved_data['datamodule']}, this run uses {mine_data['datamodule']}, which "
+                    "Lightning would not restore it into"
+                )
+        if problems:
+            # constructor arguments explain a structural difference; alone (dropout, EMA decay)
+            # they are legitimate changes between fit and predict and are not errors
+            hints = self._init_arg_differences(checkpoint.get("hyper_parameters") or {})
+            ckpt = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+            where = f"checkpoint {ckpt}" if ckpt else "the checkpoint"
+            raise ValueError(
+                f"{where} does not fit this model/data:\n  - "
+                + "\n  - ".join(problems)
+                + (
+                    "\nconstructor arguments that differ:\n  - " + "\n  - ".join(hints)
+                    if hints
+                    else ""
+                )
+                + "\nUse the configuration the checkpoint was trained with (the run's config.yaml; "
+                "its hyper-parameters are stored in the checkpoint) or train a new model."
+            )
+
+    def _init_arg_differences(self, saved_hparams: Mapping[str, Any]) -> list[str]:
+        """Backbone/bottleneck constructor arguments that differ (both sides as configuration)."""
+        out = []
+        for part in ("backbone", "bottleneck"):
+            saved, mine = saved_hparams.get(part), self.hparams.get(part)
+            if not (isinstance(saved, Mapping) and isinstance(mine, Mapping)):
+                continue
+            saved_args, mine_args = saved.get("init_args") or {}, mine.get("init_args") or {}
+            for key in sorted(set(saved_args) | set(mine_args)):
+                if saved_args.get(key) != mine_args.get(key):
+                    out.append(
+                        f"model.{part}.init_args.{key}: checkpoint {saved_args.get(key)!r}, "
+                        f"this model {mine_args.get(key)!r}"
+                    )
+        return out
+
+    def _weight_differences(self, saved_state: Mapping[str, Any], limit: int = 5) -> list[str]:
+        """Weights whose shapes differ, and (under strict loading) missing or unexpected ones."""
+        mine = self.state_dict()
+        shape = [
+            f"weight {k}: checkpoint {tuple(v.shape)}, this model {tuple(mine[k].shape)}"
+            for k, v in saved_state.items()
+            if k in mine and isinstance(v, Tensor) and tuple(v.shape) != tuple(mine[k].shape)
+        ]
+        out = shape[:limit] + (
+            [f"... {len(shape) - limit} more weights"] if len(shape) > limit else []
+        )
+        if self.strict_loading:
+            missing = [k for k in mine if k not in saved_state]
+            unexpected = [k for k in saved_state if k not in mine]
+            if missing:
+                out.append(
+                    f"weights missing from the checkpoint: {missing[:limit]} ({len(missing)})"
+                )
+            if unexpected:
+                out.append(
+                    f"weights this model does not have: {unexpected[:limit]} ({len(unexpected)})"
+                )
+        return out
 
     def fit_predict_scorer(self, dm: Any, max_windows: int = 256) -> None:
         """Fit ``predict_scorer`` (if it has a ``fit``) once, on training-split targets of ``dm``."""
@@ -506,16 +776,230 @@ class ForecastModule(pl.LightningModule):
         )
         return loss
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        # buffers (code bank EMA, BatchNorm statistics) move in the forward: keep them so a bad
+        # batch can be rolled back and diagnosed from the state it started from
+        saved = self._snapshot_buffers()
+        self._reset_quant_flags()
         loss, parts, _ = self.compute_loss(
             self.normalize(batch.x), self.normalize(batch.y), batch.weight, True
         )
+        operand = self._flagged_operand(("x", "w"))
+        local_bad = not bool(torch.isfinite(loss)) or operand is not None
+        if self._any_rank(local_bad):
+            return self._skip_or_stop(batch, batch_idx, saved, local_bad, operand)
+        self._good_batches += 1
         bs = batch.x.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         for name, value in parts.items():
             group = "codebook" if name in ("perplexity", "codes_used") else "train"
             self.log(f"{group}/{name}", value, batch_size=bs)
         return loss
+
+    # -- numerical faults ------------------------------------------------------------------------
+    def _any_rank(self, decision: bool) -> bool:
+        """``decision`` on any DDP rank (all ranks must skip or stop together)."""
+        if self._trainer is None:
+            return decision
+        return bool(self._trainer.strategy.reduce_boolean_decision(decision, all=False))
+
+    def _snapshot_buffers(self) -> list[Tensor]:
+        return [b.detach().clone() for b in self.model.buffers()]
+
+    def _restore_buffers(self, saved: list[Tensor]) -> None:
+        with torch.no_grad():
+            for buf, value in zip(self.model.buffers(), saved):
+                buf.copy_(value)
+
+    def _where(self, batch_idx: int | None = None) -> str:
+        batch = "" if batch_idx is None else f", batch {batch_idx}"
+        return f"global step {self.global_step} (epoch {self.current_epoch}{batch})"
+
+    def locate_non_finite(self, batch: Any) -> FaultSite:
+        """Where the NaN/Inf of this training batch's loss comes from.
+
+        In this order: the batch itself, a parameter, a buffer (code bank, normalization), else
+        the first layer (in execution order) whose output is not finite, found by re-running the
+        training forward with forward hooks on every submodule; buffers and the random-number
+        state are restored afterwards, so the diagnosis changes nothing. Every DDP rank must call
+        it together (the code bank's forward synchronizes over ranks).
+        """
+        found: list[str] = []
+
+        def hook_for(name: str) -> Callable[..., None]:
+            def hook(module: nn.Module, args: Any, output: Any) -> None:
+                if not found and _has_non_finite(output):
+                    found.append(f"{name} ({type(module).__name__})")
+
+            return hook
+
+        handles = [
+            m.register_forward_hook(hook_for(name))
+            for name, m in self.model.named_modules(prefix="model")
+            if name != "model"
+        ]
+        saved = self._snapshot_buffers()
+        devices = [torch.cuda.current_device()] if self.device.type == "cuda" else []
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                loss, _, _ = self.compute_loss(
+                    self.normalize(batch.x), self.normalize(batch.y), batch.weight, True
+                )
+        finally:
+            for h in handles:
+                h.remove()
+            self._restore_buffers(saved)
+        for name in ("x", "y", "weight"):
+            t = getattr(batch, name, None)
+            if isinstance(t, Tensor) and _has_non_finite(t):
+                return FaultSite(
+                    "data", f"the batch's {name} holds NaN/Inf (a data problem, not the model's)"
+                )
+        for name, p in self.named_parameters():
+            if _has_non_finite(p):
+                return FaultSite("parameter", f"parameter {name} is NaN/Inf")
+        for name, b in self.model.named_buffers(prefix="model"):
+            if _has_non_finite(b):
+                return FaultSite("buffer", f"buffer {name} is NaN/Inf")
+        if found:
+            return FaultSite("layer", f"layer {found[0]} is the first to output NaN/Inf")
+        if bool(torch.isfinite(loss)):
+            return FaultSite(
+                "unknown", "the loss is finite when recomputed (a non-deterministic fault)"
+            )
+        return FaultSite("loss", "every layer's output is finite: the loss itself overflowed")
+
+    def _skip_or_stop(
+        self,
+        batch: Any,
+        batch_idx: int,
+        saved: list[Tensor],
+        local_bad: bool,
+        operand: str | None,
+    ) -> Tensor | None:
+        """Handle a NaN/Inf training batch (on this or another rank) by the ``nan_policy``."""
+        self._restore_buffers(saved)
+        site = self.locate_non_finite(batch)  # every rank: the diagnosis is collective
+        what, cause = "NaN/Inf training loss", site.description
+        if operand is not None and site.kind not in ("data", "parameter", "buffer"):
+            what = "NaN/Inf in the training forward"
+            cause = f"{operand} (quantization would have saturated it to a finite value)"
+        elif not local_bad:
+            cause = "on another DDP rank"
+        self._fault(f"{what} at {self._where(batch_idx)}: {cause}")
+        if self._trainer is None or self._trainer.world_size == 1:
+            return None  # Lightning skips backward and the optimizer step
+        # DDP cannot skip a backward on some ranks only: a zero loss through every parameter
+        # keeps the gradient all-reduce in step and adds nothing to the accumulated gradients
+        return sum(
+            (p.sum() * 0.0 for p in self.parameters() if p.requires_grad),
+            self.norm_mean.new_zeros(()),
+        )
+
+    def _fault(self, message: str) -> None:
+        """Stop (``nan_policy="stop"``) or count and warn about a skipped batch."""
+        if self.hparams.nan_policy == "stop":
+            raise FloatingPointError(
+                f"{message}. Stopping (model.nan_policy: stop; set model.nan_policy: skip to "
+                "skip such batches)"
+            )
+        self.skipped_batches += 1
+        self._consecutive_skips += 1
+        limit = int(self.hparams.nan_max_consecutive_skips)
+        if self._consecutive_skips >= limit:
+            raise FloatingPointError(
+                f"{message}. Stopping: {self._consecutive_skips} batches in a row were skipped "
+                f"(model.nan_max_consecutive_skips={limit})"
+            )
+        log.warning("%s; batch skipped (%d skipped so far)", message, self.skipped_batches)
+        self.log("train/skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        good, self._good_batches = self._good_batches, 0
+        if good == 0:
+            # every batch since the last step was skipped: no step at all (AdamW leaves
+            # parameters without gradients alone; zero gradients would still move them)
+            optimizer.zero_grad(set_to_none=True)
+            return
+        # under a GradScaler (16-mixed) Inf gradients are expected: the scaler skips those steps
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
+        operand = self._flagged_operand(("dy",))
+        local_bad = operand is not None
+        if self._quant_flags:
+            # quantized-layer flags are per rank (before the gradient all-reduce)
+            local_bad = self._any_rank(local_bad)
+        # gradients are already all-reduced: every rank finds the same parameter
+        bad_param = self._non_finite_gradient()
+        if not local_bad and bad_param is None:
+            self._consecutive_skips = 0
+            return
+        if bad_param is not None:
+            cause = f"parameter {bad_param} (layer {bad_param.rpartition('.')[0] or bad_param})"
+        elif operand is not None:
+            cause = f"{operand} (quantization would have saturated it to a finite value)"
+        else:
+            cause = "in a quantized layer's gradient on another DDP rank"
+        self._fault(f"NaN/Inf gradient at {self._where()}: {cause}")
+        optimizer.zero_grad(set_to_none=True)  # "skip": AdamW leaves parameters without gradients
+
+    def _non_finite_gradient(self) -> str | None:
+        """Name of the first parameter with a NaN/Inf gradient, or None (one sync when finite)."""
+        named = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
+        if not named:
+            return None
+        grads = [g for _, g in named]
+        total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+        if total_norm is not None:
+            norm = total_norm(grads, error_if_nonfinite=False)
+        else:
+            norm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g) for g in grads])
+            )
+        if bool(torch.isfinite(norm)):
+            return None
+        # the norm can overflow with finite gradients: name a parameter only if one is NaN/Inf
+        return next((n for n, g in named if _has_non_finite(g)), None)
+
+    # quantized layers: the ExMy simulation saturates Inf to the format's largest value, which
+    # would hide it from the loss; flag non-finite operands before quantization instead
+    def on_train_start(self) -> None:
+        self._install_quant_hooks()
+
+    def on_train_end(self) -> None:
+        for h in self._quant_hooks:
+            h.remove()
+        self._quant_hooks, self._quant_flags = [], {}
+
+    def _install_quant_hooks(self) -> None:
+        if self._quant_hooks:
+            return
+        for name, layer in self.model.named_modules(prefix="model"):
+            if not isinstance(layer, _QUANT_TYPES):
+                continue
+            flags = torch.zeros(len(_OPERANDS), dtype=torch.bool, device=layer.weight.device)
+            self._quant_flags[name] = flags
+            self._quant_hooks.append(layer.register_forward_hook(_quant_hook(flags)))
+        if self._quant_flags:
+            log.info(
+                "NaN/Inf checks on the operands of %d quantized layers", len(self._quant_flags)
+            )
+
+    def _reset_quant_flags(self) -> None:
+        for flags in self._quant_flags.values():
+            flags.zero_()
+
+    def _flagged_operand(self, operands: tuple[str, ...]) -> str | None:
+        """``"operand <o> of quantized layer <name>"`` for the first flagged one, else None."""
+        if not self._quant_flags:
+            return None
+        cols = [_OPERANDS.index(o) for o in operands]
+        names = list(self._quant_flags)
+        table = torch.stack([self._quant_flags[n][cols] for n in names])  # (layers, operands)
+        if not bool(table.any()):
+            return None
+        i, j = (int(v) for v in torch.nonzero(table)[0])
+        return f"NaN/Inf in operand {operands[j]} of quantized layer {names[i]}"
 
     def _eval_step(self, batch: Any, metric: ForecastMetrics, prefix: str) -> StepOutput:
         x, y = self.normalize(batch.x), self.normalize(batch.y)
