@@ -57,6 +57,12 @@ class VQBottleneck(nn.Module):
         kmeans_iters: k-means iterations for that initialisation.
         threshold_ema_dead_code: a code whose EMA usage falls below this is replaced by a random
             latent of the batch (dead-code revival).
+        forecast_path: ``"quantized"`` (the papers: the forecast decodes the nearest code) or
+            ``"continuous"`` (ours, from the ablation in docs/results.md): the forecast decodes
+            the continuous latent ``z`` itself and candidate i is ``z + (e_i − e_0)``, the latent
+            moved by the offset between its i-th and its nearest code, so candidate 0 is the plain
+            forecast and the code bank only shapes the alternatives. The code bank still trains
+            (EMA, commitment); pair it with a small ``commitment_weight`` (about 0.02).
     """
 
     def __init__(
@@ -69,8 +75,14 @@ class VQBottleneck(nn.Module):
         kmeans_init: bool = True,
         kmeans_iters: int = 10,
         threshold_ema_dead_code: float = 2.0,
+        forecast_path: str = "quantized",
     ) -> None:
         super().__init__()
+        if forecast_path not in ("quantized", "continuous"):
+            raise ValueError(
+                f"VQBottleneck: forecast_path must be 'quantized' or 'continuous', got {forecast_path!r}"
+            )
+        self.forecast_path = forecast_path
         if dim < 1 or codebook_size < 2:
             raise ValueError(
                 f"VQBottleneck: dim must be >= 1 and codebook_size >= 2, got dim={dim}, "
@@ -131,13 +143,16 @@ class VQBottleneck(nn.Module):
     # -- the contract --------------------------------------------------------------------------
     def forward(self, z: Tensor) -> Quantized:
         tokens = self._tokens(z)
+        continuous = self.forecast_path == "continuous"
         if self.training:
             quantized, indices, loss = self.vq(tokens)
-            return Quantized(self._untokens(quantized, z), indices.reshape(z.shape[0], *z.shape[2:]), loss)
+            z_q = z if continuous else self._untokens(quantized, z)
+            return Quantized(z_q, indices.reshape(z.shape[0], *z.shape[2:]), loss)
         indices, codes = self._nearest(tokens, 1)
-        z_q = self._untokens(codes[:, :, 0], z)
+        nearest = self._untokens(codes[:, :, 0], z)
         # eval: report the commitment term for monitoring; it trains nothing here
-        aux = self.vq.commitment_weight * torch.mean((z - z_q) ** 2)
+        aux = self.vq.commitment_weight * torch.mean((z - nearest) ** 2)
+        z_q = z if continuous else nearest
         return Quantized(z_q, indices[..., 0].reshape(z.shape[0], *z.shape[2:]), aux)
 
     @torch.no_grad()
@@ -149,13 +164,17 @@ class VQBottleneck(nn.Module):
     def topk(self, z: Tensor, k: int) -> Tensor:
         """K candidate latents ``(B, k, D, ...)``: candidate i uses the i-th nearest code everywhere.
 
-        Candidate 0 is the nearest-code latent (what ``forward`` returns in eval). Reads the code
-        bank only; gradients flow to the projections, never into the codes.
+        Candidate 0 is what ``forward`` returns in eval: the nearest-code latent, or with
+        ``forecast_path="continuous"`` ``z`` itself, candidate i then being ``z + (e_i − e_0)``.
+        Reads the code bank only; gradients flow to the projections, never into the codes.
         """
         tokens = self._tokens(z)
         _, codes = self._nearest(tokens, self._check_k(k))  # (B, N, k, D)
         b, d, *spatial = z.shape
-        return rearrange(codes, "b n k d -> b k d n").reshape(b, k, d, *spatial)
+        cands = rearrange(codes, "b n k d -> b k d n").reshape(b, k, d, *spatial)
+        if self.forecast_path == "continuous":
+            return z.unsqueeze(1) + (cands - cands[:, :1])
+        return cands
 
     def _check_k(self, k: int) -> int:
         if not 1 <= k <= self.codebook_size:

@@ -88,3 +88,26 @@ def test_usage_statistics() -> None:
     stats = VQBottleneck.usage(torch.tensor([0, 0, 1, 1]), 4)
     assert stats.codes_used.item() == 2
     torch.testing.assert_close(stats.perplexity, torch.tensor(2.0))
+
+
+def test_continuous_forecast_path_keeps_the_latent() -> None:
+    torch.manual_seed(0)
+    bn = VQBottleneck(dim=4, codebook_size=8, kmeans_init=False, forecast_path="continuous").eval()
+    z = torch.randn(2, 4, 3, 3)
+    q = bn(z)
+    assert torch.equal(q.z_q, z)  # the forecast decodes the continuous latent
+    assert q.aux_loss.item() > 0  # the code bank is still measured against it
+    cands = bn.topk(z, 3)
+    torch.testing.assert_close(cands[:, 0], z)
+    plain = VQBottleneck(dim=4, codebook_size=8, kmeans_init=False).eval()
+    plain.load_state_dict(bn.state_dict())
+    codes = plain.topk(z, 3)
+    # candidate i = z + (e_i - e_0): the same offsets between candidates as the quantized path
+    torch.testing.assert_close(cands[:, 2] - cands[:, 1], codes[:, 2] - codes[:, 1])
+    torch.testing.assert_close(cands[:, 1] - z, codes[:, 1] - codes[:, 0])
+    bn.train()
+    zt = torch.randn(2, 4, 3, 3, requires_grad=True)
+    out = bn(zt)
+    assert out.z_q is zt and out.aux_loss.item() > 0
+    with pytest.raises(ValueError, match="forecast_path"):
+        VQBottleneck(dim=4, forecast_path="soft")
