@@ -16,6 +16,7 @@ the strategy is kept). See docs/reliability.md for what resuming guarantees.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import ProgressBar, RichProgressBar
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
@@ -65,6 +67,32 @@ class BeamVQCLI(LightningCLI):
             sys.stdout.write(dm.check() + "\n")
             sys.exit(0)
 
+    def _parse_ckpt_path(self) -> None:
+        """Keep the configured model; stop if ``--ckpt_path`` holds another backbone/bottleneck.
+
+        LightningCLI would replace the configured model arguments by the checkpoint's
+        hyper-parameters (for a file path, not for ``last``), so that predict-time options such
+        as ``--model.predict_members`` were silently ignored and a config naming another
+        backbone silently predicted with the checkpoint's. Here the configuration stays as
+        given; a backbone or bottleneck class that differs from the checkpoint's is an error
+        naming both, and differing shapes are reported when the weights load
+        (``ForecastModule.check_checkpoint``).
+        """
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if not ckpt or not Path(str(ckpt)).is_file():
+            return
+        saved = torch.load(str(ckpt), weights_only=True, map_location="cpu")
+        model = self.config[sub].get("model")
+        configured = model.as_dict() if hasattr(model, "as_dict") else dict(model or {})
+        problems = model_class_differences(saved.get("hyper_parameters") or {}, configured)
+        if problems:
+            raise ValueError(
+                f"--ckpt_path {ckpt} was trained with another model than the configuration "
+                "gives:\n  - " + "\n  - ".join(problems) + "\nUse the configuration the checkpoint "
+                "was trained with (its config.yaml) or a checkpoint of this model."
+            )
+
     def _before(self) -> None:
         self._check_ckpt()
         self._check_data_only()
@@ -100,6 +128,32 @@ class BeamVQCLI(LightningCLI):
 
     def before_predict(self) -> None:
         self._before()
+
+
+def _resolve(class_path: str) -> object:
+    """The class a ``class_path`` names (``beamvq.backbones.SimVPv2`` and its defining module's
+    ``beamvq.backbones.simvp.SimVPv2`` are the same), or the string if it does not import."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return class_path
+
+
+def model_class_differences(saved: dict[str, Any], configured: dict[str, Any]) -> list[str]:
+    """Backbone/bottleneck classes of a checkpoint's hyper-parameters that the config changes."""
+    out = []
+    for part in ("backbone", "bottleneck"):
+        old, new = saved.get(part), configured.get(part)
+        if part not in saved or not (old is None or isinstance(old, dict)):
+            continue  # a checkpoint made in Python holds the module itself: the load checks it
+        old_cls = old.get("class_path") if isinstance(old, dict) else None
+        new_cls = new.get("class_path") if isinstance(new, dict) else None
+        if (old_cls is None) != (new_cls is None) or (
+            old_cls is not None and _resolve(old_cls) != _resolve(str(new_cls))
+        ):
+            out.append(f"model.{part}: checkpoint {old_cls}, configuration {new_cls}")
+    return out
 
 
 def use_atomic_checkpoints(trainer: pl.Trainer) -> None:
@@ -140,7 +194,12 @@ def start_wandb(trainer: pl.Trainer, init_timeout: float | None = None) -> None:
             continue
         import wandb
 
-        logger._wandb_init.setdefault("settings", wandb.Settings(init_timeout=init_timeout))
+        # the CLI may pass settings=None through WandbLogger's **kwargs (wandb.init's signature)
+        settings = logger._wandb_init.get("settings")
+        if settings is None:
+            logger._wandb_init["settings"] = wandb.Settings(init_timeout=init_timeout)
+        elif isinstance(settings, dict):
+            settings.setdefault("init_timeout", init_timeout)
         try:
             logger.experiment  # noqa: B018  (starts the run)
         except Exception as err:  # wandb raises CommError, UsageError, AuthenticationError, ...
