@@ -780,7 +780,7 @@ class ForecastModule(pl.LightningModule):
         # buffers (code bank EMA, BatchNorm statistics) move in the forward: keep them so a bad
         # batch can be rolled back and diagnosed from the state it started from
         saved = self._snapshot_buffers()
-        self._reset_quant_flags()
+        self._reset_quant_flags(("x", "w"))
         loss, parts, _ = self.compute_loss(
             self.normalize(batch.x), self.normalize(batch.y), batch.weight, True
         )
@@ -916,6 +916,9 @@ class ForecastModule(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         good, self._good_batches = self._good_batches, 0
+        # dY flags gather over the micro-batches of an accumulation window
+        operand = self._flagged_operand(("dy",))
+        self._reset_quant_flags(("dy",))
         if good == 0:
             # every batch since the last step was skipped: no step at all (AdamW leaves
             # parameters without gradients alone; zero gradients would still move them)
@@ -924,7 +927,6 @@ class ForecastModule(pl.LightningModule):
         # under a GradScaler (16-mixed) Inf gradients are expected: the scaler skips those steps
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return
-        operand = self._flagged_operand(("dy",))
         local_bad = operand is not None
         if self._quant_flags:
             # quantized-layer flags are per rank (before the gradient all-reduce)
@@ -985,9 +987,10 @@ class ForecastModule(pl.LightningModule):
                 "NaN/Inf checks on the operands of %d quantized layers", len(self._quant_flags)
             )
 
-    def _reset_quant_flags(self) -> None:
+    def _reset_quant_flags(self, operands: tuple[str, ...]) -> None:
+        cols = [_OPERANDS.index(o) for o in operands]
         for flags in self._quant_flags.values():
-            flags.zero_()
+            flags[cols] = False
 
     def _flagged_operand(self, operands: tuple[str, ...]) -> str | None:
         """``"operand <o> of quantized layer <name>"`` for the first flagged one, else None."""

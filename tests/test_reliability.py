@@ -266,6 +266,24 @@ def test_inf_into_a_quantized_layer_is_caught_although_the_loss_stays_finite(
     handle.remove()
 
 
+def test_inf_gradient_into_a_quantized_layer_is_caught(ns_file: Path) -> None:
+    module = make_module()
+    convert_to_quantized(module.model.backbone, QuantRecipe.build("e4m3", grad_fmt="e5m2"))
+    name, layer = poisoned_layer(module)
+
+    def inf_grad(layer: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if module.training:
+            out.register_hook(lambda g: torch.full_like(g, math.inf))
+
+    layer.register_forward_hook(inf_grad)
+    # saturated by the dY quantization, the weight gradients stay finite: only the flag sees it
+    with pytest.raises(
+        FloatingPointError,
+        match=rf"NaN/Inf gradient at global step 0 .*operand dy of quantized layer {name}",
+    ):
+        make_trainer().fit(module, make_dm(ns_file))
+
+
 def test_nan_policy_is_checked() -> None:
     with pytest.raises(ValueError, match="model.nan_policy"):
         make_module(nan_policy="ignore")
