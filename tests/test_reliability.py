@@ -410,6 +410,10 @@ def test_cli_keeps_predict_time_options(cli_run: tuple[Path, list[str]]) -> None
 
 
 def _online_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, key: bool) -> None:
+    import wandb
+
+    # a W&B service left by earlier tests in this process keeps their settings: start afresh
+    wandb.teardown()
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a key
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
