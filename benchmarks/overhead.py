@@ -82,14 +82,20 @@ def lightning_throughput(
     return timer.samples / (timer.end - timer.start)
 
 
-def bare_throughput(name: str, p: Protocol, data_dir: Path, batches: int, warmup: int) -> float:
-    """The same module, loss and loader without the Trainer."""
+def prepared(name: str, p: Protocol, data_dir: Path) -> tuple:
+    """The Navier–Stokes datamodule (set up) and a seeded VQ module normalized by its statistics."""
     dm = datamodule(data_dir, "ns", p)
     dm.prepare_data()
     dm.setup("fit")
     pl.seed_everything(0, verbose=False)
     module = make_module(build_backbone(name, p), "vq", p)
     module.set_normalization(dm.normalization.mean, dm.normalization.std)
+    return dm, module
+
+
+def bare_throughput(name: str, p: Protocol, data_dir: Path, batches: int, warmup: int) -> float:
+    """The same module, loss and loader without the Trainer."""
+    dm, module = prepared(name, p, data_dir)
     module.train()
     opt = torch.optim.AdamW(module.parameters(), lr=p.lr, weight_decay=0.0)
     samples, start = 0, 0.0
@@ -171,12 +177,7 @@ def looped_beam_search(
 
 
 def batched_vs_looped(name: str, p: Protocol, data_dir: Path, n: int, repeats: int) -> tuple:
-    dm = datamodule(data_dir, "ns", p)
-    dm.prepare_data()
-    dm.setup("fit")
-    pl.seed_everything(0, verbose=False)
-    module = make_module(build_backbone(name, p), "vq", p)
-    module.set_normalization(dm.normalization.mean, dm.normalization.std)
+    dm, module = prepared(name, p, data_dir)
     # one training step initializes the code bank (k-means) so the K candidates differ
     _, x, y = dm.training_windows(max_windows=n, seed=0)
     module.train()
