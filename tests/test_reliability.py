@@ -594,3 +594,14 @@ def test_csi_pools_counts_over_ranks_instead_of_averaging_ratios() -> None:
     expected = c.hits / (c.hits + c.misses + c.false_alarms)
     torch.testing.assert_close(pooled, expected.float().reshape(()), rtol=1e-6, atol=0)
     assert abs(float(averaged) - float(pooled)) > 0.1
+
+
+@pytest.fixture(autouse=True)
+def _fresh_wandb_after_online_tests(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """The online W&B tests point the W&B service at a dead port: stop it so later tests in
+    this process start their own service with their own settings."""
+    yield
+    if "wandb" in request.node.name:
+        import wandb
+
+        wandb.teardown()
