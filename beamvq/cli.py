@@ -19,16 +19,19 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.callbacks import ProgressBar, RichProgressBar
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.plugins.io import CheckpointIO, TorchCheckpointIO
+from pytorch_lightning.strategies import ParallelStrategy
 from pytorch_lightning.utilities import rank_zero_only
 
 import beamvq.quant  # noqa: F401  (registers the precision strategies by name)
@@ -115,6 +118,7 @@ class BeamVQCLI(LightningCLI):
         chosen = plugins if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in chosen):
             use_atomic_checkpoints(trainer)
+        gloo_over_loopback(trainer)
         return trainer
 
     def before_fit(self) -> None:
@@ -166,6 +170,37 @@ def use_atomic_checkpoints(trainer: pl.Trainer) -> None:
     strategy = trainer.strategy
     if type(strategy.checkpoint_io) is TorchCheckpointIO:
         strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+def loopback_interface() -> str | None:
+    """The name of the loopback network interface (``lo`` on Linux, ``lo0`` on macOS), if any."""
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return None
+    return next((n for n in names if n == "lo" or n.startswith("lo0")), None)
+
+
+def gloo_over_loopback(trainer: pl.Trainer) -> None:
+    """Single-node multi-process training on CPU (gloo): connect the ranks over the loopback.
+
+    Without ``GLOO_SOCKET_IFNAME``, gloo connects the ranks at the address the host name resolves
+    to. In containers and sandboxes that address is often not reachable from the host itself, and
+    ``init_process_group`` then waits for its 30-minute timeout without a word. All ranks of a
+    one-node run share the host, so the loopback always works. A ``GLOO_SOCKET_IFNAME`` set in the
+    environment is kept, and nothing changes for multi-node runs or GPU (NCCL) runs.
+    """
+    if "GLOO_SOCKET_IFNAME" in os.environ or trainer.num_nodes != 1:
+        return
+    strategy = trainer.strategy
+    if not isinstance(strategy, ParallelStrategy) or len(strategy.parallel_devices or []) < 2:
+        return
+    if not isinstance(strategy.accelerator, CPUAccelerator):
+        return
+    name = loopback_interface()
+    if name is not None:
+        os.environ["GLOO_SOCKET_IFNAME"] = name
+        log.info("single-node CPU run: gloo connects the ranks over %s (GLOO_SOCKET_IFNAME)", name)
 
 
 def _wandb_mode(logger: WandbLogger) -> str:

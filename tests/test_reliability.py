@@ -8,6 +8,7 @@ import copy
 import functools
 import logging
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -605,3 +606,27 @@ def _fresh_wandb_after_online_tests(request: pytest.FixtureRequest):  # type: ig
         import wandb
 
         wandb.teardown()
+
+
+# -- multi-process on one host -----------------------------------------------------------------
+def _cpu_trainer(**kwargs: Any) -> pl.Trainer:
+    kw = dict(accelerator="cpu", logger=False, enable_checkpointing=False)
+    return pl.Trainer(**{**kw, **kwargs})
+
+
+def test_one_node_cpu_ddp_connects_gloo_over_the_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    from beamvq.cli import gloo_over_loopback, loopback_interface
+
+    lo = loopback_interface()
+    assert lo is not None and lo.startswith("lo")
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "unset")  # so that teardown restores the original
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME")
+    gloo_over_loopback(_cpu_trainer(devices=1))
+    assert "GLOO_SOCKET_IFNAME" not in os.environ  # one process: nothing to connect
+    gloo_over_loopback(_cpu_trainer(devices=2, strategy="ddp", num_nodes=2))
+    assert "GLOO_SOCKET_IFNAME" not in os.environ  # several hosts: the loopback would be wrong
+    gloo_over_loopback(_cpu_trainer(devices=2, strategy="ddp"))
+    assert os.environ["GLOO_SOCKET_IFNAME"] == lo
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth7")
+    gloo_over_loopback(_cpu_trainer(devices=2, strategy="ddp"))
+    assert os.environ["GLOO_SOCKET_IFNAME"] == "eth7"  # the user's choice is kept

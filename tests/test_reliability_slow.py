@@ -161,17 +161,29 @@ def beamvq(cwd: Path, args: list[str], fault: str | None = None, timeout: float 
     env.pop(FAULT_ENV, None)
     if fault:
         env[FAULT_ENV] = fault
-    proc = subprocess.run(
-        [sys.executable, "-m", "beamvq", *args], cwd=cwd, env=env, timeout=timeout,
+    # its own process group, so that a hang kills every rank (DDP launches rank 1 as a child)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "beamvq", *args], cwd=cwd, env=env, start_new_session=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(
+            f"beamvq {' '.join(args)} hung for {timeout} s; its output:\n{out[-4000:]}"
+        ) from None
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # what a SIGKILLed rank 0 left behind
+        except ProcessLookupError:
+            pass
     (cwd / "logs").mkdir(exist_ok=True)
     n = len(list((cwd / "logs").iterdir()))
-    (cwd / "logs" / f"{n:02d}-{fault or 'run'}.log").write_text(proc.stdout)
+    (cwd / "logs" / f"{n:02d}-{fault or 'run'}.log").write_text(out)
     if proc.returncode not in (0, -signal.SIGKILL):
-        raise AssertionError(
-            f"beamvq {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}"
-        )
+        raise AssertionError(f"beamvq {' '.join(args)} failed ({proc.returncode}):\n{out[-4000:]}")
     return proc.returncode
 
 
