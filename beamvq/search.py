@@ -18,7 +18,12 @@ The papers leave beam width, score accumulation and the ensemble rule open; beam
   score, so scores stay comparable across horizons and to single-shot scores, and the softmax
   temperature of the weighted ensemble need not change with ``rollout_steps``.
 - NaN scores rank below every finite score (treated as -inf).
-- ``ensemble``: plain mean or softmax(scores / temperature)-weighted mean of the kept trajectories.
+- ``ensemble``: plain mean, softmax(scores / temperature)-weighted mean of the kept trajectories,
+  or ``"standardized"``: softmax(z / temperature) with z the scores standardized per sample over
+  the kept trajectories ((s - mean) / std). Raw scores depend on the scorer's units: -MSE of two
+  good candidates differs by ~1e-4, so ``"weighted"`` at temperature 1 is the plain mean (measured
+  in docs/results.md). Standardized scores make the temperature scale-free: at 1, a trajectory
+  one standard deviation better gets e (2.7) times the weight, whatever the scorer.
 
 Everything is a pure tensor function; call it under ``torch.no_grad()`` with the model in eval
 mode (the caller's job).
@@ -38,6 +43,8 @@ __all__ = [
     "TrajectoryScores",
     "beam_search",
     "score_trajectories",
+    "ENSEMBLE_MODES",
+    "standardize_scores",
     "ensemble_weights",
     "ensemble",
     "select_improving",
@@ -239,17 +246,33 @@ def score_trajectories(
     return TrajectoryScores(scores=scores, step_scores=step_scores)
 
 
+ENSEMBLE_MODES = ("mean", "weighted", "standardized")
+
+
+def standardize_scores(scores: Tensor, eps: float = 1e-12) -> Tensor:
+    """(s - mean) / std over the k trajectories of each sample (B, k), population std; a sample
+    whose scores are all equal gets zeros. Invariant to any positive affine map of the scores.
+    Computed in float64: close scores (-MSE of good candidates) cancel badly in float32."""
+    s = scores.double()
+    centred = s - s.mean(1, keepdim=True)
+    std = centred.pow(2).mean(1, keepdim=True).sqrt()
+    z = torch.where(std > eps, centred / std.clamp_min(eps), torch.zeros_like(centred))
+    return z.float()
+
+
 def ensemble_weights(scores: Tensor, mode: str = "mean", temperature: float = 1.0) -> Tensor:
-    """Weights (B, k) summing to 1 over k: uniform, or softmax(scores / temperature)."""
+    """Weights (B, k) summing to 1 over k: uniform, softmax(scores / temperature), or
+    softmax(standardize_scores(scores) / temperature) (``mode="standardized"``)."""
     if scores.dim() != 2:
         raise ValueError(f"scores must be (B, k), got {tuple(scores.shape)}")
+    if mode not in ENSEMBLE_MODES:
+        raise ValueError(f"mode must be one of {ENSEMBLE_MODES}, got {mode!r}")
     if mode == "mean":
         return torch.full_like(scores, 1.0 / scores.shape[1], dtype=torch.float32)
-    if mode == "weighted":
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        return torch.softmax(scores.float() / temperature, dim=1)
-    raise ValueError(f"mode must be 'mean' or 'weighted', got {mode!r}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    s = standardize_scores(scores) if mode == "standardized" else scores.float()
+    return torch.softmax(s / temperature, dim=1)
 
 
 def ensemble(
@@ -259,6 +282,7 @@ def ensemble(
 
     ``mode="mean"``: the plain mean. ``mode="weighted"``: softmax(scores / temperature)-weighted
     mean; a low temperature approaches the best trajectory, a high one the plain mean.
+    ``mode="standardized"``: the same on per-sample standardized scores (scale-free temperature).
     """
     if trajectories.shape[:2] != scores.shape:
         raise ValueError(

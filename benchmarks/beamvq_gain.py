@@ -587,6 +587,7 @@ def ablation_settings(p: Protocol) -> list[tuple[str, Protocol]]:
         ("beam_width=1 (greedy)", replace(p, beam_width=1, top_k=1)),
         ("K=8", replace(p, candidate_k=8)),
         ("ensemble=weighted T=0.01", replace(p, ensemble="weighted", temperature=0.01)),
+        ("ensemble=standardized T=1", replace(p, ensemble="standardized", temperature=1.0)),
         ("start_epoch=2", replace(p, start_epoch=2)),
         ("beam_width=8", replace(p, beam_width=8)),
         ("K=2", replace(p, candidate_k=2, beam_width=2, top_k=2)),
@@ -618,6 +619,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--train-batches", type=int, default=None)
     parser.add_argument("--resolution", type=int, default=None)
     parser.add_argument("--vq-path", default=None, choices=("quantized", "continuous"))
+    parser.add_argument("--commitment", type=float, default=None, help="commitment weight")
     parser.add_argument("--data-dir", default=str(ROOT / "data" / "bench"))
     parser.add_argument("--results", default=None, help="JSON lines file to append results to")
     parser.add_argument("--report", nargs="*", default=None, help="print tables from these files")
@@ -652,6 +654,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ("train_batches", args.train_batches),
             ("resolution", args.resolution),
             ("vq_path", args.vq_path),
+            ("commitment_weight", args.commitment),
         )
         if v is not None
     }

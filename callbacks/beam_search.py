@@ -66,7 +66,6 @@ from datamodules.io import write_netcdf
 
 log = logging.getLogger(__name__)
 
-_ENSEMBLE = ("mean", "weighted")
 _ACCUMULATE = ("mean", "sum")
 
 
@@ -249,8 +248,10 @@ class BeamSearchAugmentation(pl.Callback):
         candidate_k: code-bank candidates per beam and step; ``None`` takes the module's
             ``candidate_k``.
         accumulate: ``"mean"`` or ``"sum"`` of per-step scores (see ``beamvq.search``).
-        ensemble: ``"mean"`` or ``"weighted"`` (softmax of scores / ``temperature``).
-        temperature: softmax temperature of the weighted ensemble.
+        ensemble: ``"mean"``, ``"weighted"`` (softmax of scores / ``temperature``) or
+            ``"standardized"`` (softmax of per-sample standardized scores / ``temperature``: the
+            same temperature means the same thing for every scorer).
+        temperature: softmax temperature of the weighted or standardized ensemble.
         only_improving: keep only samples whose ensemble beats the plain forecast.
         margin: how much it must beat it by (scorer units).
         unlabelled_windows: inputs with no recorded future searched per epoch (0: none).
@@ -308,8 +309,10 @@ class BeamSearchAugmentation(pl.Callback):
             )
         if accumulate not in _ACCUMULATE:
             raise ValueError(f"BeamSearchAugmentation: accumulate must be one of {_ACCUMULATE}")
-        if ensemble not in _ENSEMBLE:
-            raise ValueError(f"BeamSearchAugmentation: ensemble must be one of {_ENSEMBLE}")
+        if ensemble not in search.ENSEMBLE_MODES:
+            raise ValueError(
+                f"BeamSearchAugmentation: ensemble must be one of {search.ENSEMBLE_MODES}"
+            )
         if temperature <= 0:
             raise ValueError(f"BeamSearchAugmentation: temperature must be > 0, got {temperature}")
         free_scorer = unlabelled_scorer if unlabelled_scorer is not None else scorer

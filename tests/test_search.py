@@ -213,10 +213,33 @@ def test_ensemble_mean_and_weighted():
     torch.testing.assert_close(hot[0], torch.full((2, 1, 2, 2), (4 + 100) / 30))
     cold = S.ensemble(traj, scores, mode="weighted", temperature=1e-4)
     torch.testing.assert_close(cold[0], torch.full((2, 1, 2, 2), 4.0))
-    with pytest.raises(ValueError, match="mode"):
+    with pytest.raises(ValueError, match="standardized"):
         S.ensemble(traj, scores, mode="median")
     with pytest.raises(ValueError, match="temperature"):
         S.ensemble(traj, scores, mode="weighted", temperature=0.0)
+
+
+def test_standardized_ensemble_is_scale_free():
+    # -MSE of good candidates differs by ~1e-4: the raw softmax is the plain mean
+    scores = torch.tensor([[-0.0101, -0.0102, -0.0105], [-3.0, -3.0, -3.0]])
+    raw = S.ensemble_weights(scores, mode="weighted")
+    torch.testing.assert_close(raw[0], torch.full((3,), 1 / 3), atol=1e-4, rtol=0)
+    std = S.ensemble_weights(scores, mode="standardized")
+    z = S.standardize_scores(scores)
+    # z of (-1, -2, -5) e-4 around the mean -2.667e-4, population std 1.700e-4
+    torch.testing.assert_close(z[0], torch.tensor([0.98058, 0.39223, -1.37281]), atol=1e-4, rtol=0)
+    assert z[0].mean().abs() < 1e-6 and z[0].pow(2).mean().sub(1).abs() < 1e-5
+    torch.testing.assert_close(std[0], torch.softmax(z[0], 0))
+    assert std[0, 0] > 2 * std[0, 2]
+    torch.testing.assert_close(std[1], torch.full((3,), 1 / 3))  # equal scores: uniform
+    # any positive affine map of the scores (units, offsets) gives the same weights
+    for a, b in ((1e4, 3.0), (0.5, -7.0)):
+        torch.testing.assert_close(S.ensemble_weights(a * scores.double() + b, "standardized"), std)
+    # the temperature sharpens it the same way for every scorer: T -> 0 picks the best
+    cold = S.ensemble_weights(scores, "standardized", temperature=1e-3)
+    torch.testing.assert_close(cold[0], torch.tensor([1.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="temperature"):
+        S.ensemble_weights(scores, "standardized", temperature=-1.0)
 
 
 def test_select_improving():
