@@ -51,10 +51,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
-import xarray as xr
 from einops import rearrange
 from pytorch_lightning.callbacks import RichProgressBar
 from pytorch_lightning.utilities import rank_zero_info
@@ -130,74 +128,6 @@ def merge_gathered(order_key: Tensor, keep: Tensor, *tensors: Tensor) -> list[Te
     rows = torch.nonzero(keep, as_tuple=False).flatten()
     rows = rows[torch.argsort(order_key[rows], stable=True)]
     return [t[rows] for t in tensors]
-
-
-def future_free_starts(starts: np.ndarray, target_steps: int) -> np.ndarray:
-    """Start indices ``(M, 2)`` of (sample, t0) inputs that have no training target.
-
-    ``starts`` are a split's window starts ``(sample, t0)``. Per sample, the inputs starting
-    after its last window start ``t_last`` and at most ``target_steps`` later end no later than
-    that window's last frame (``t_last + in_steps + target_steps - 1``): their frames are all in
-    the split, their futures are not.
-    """
-    out = []
-    for s in np.unique(starts[:, 0]):
-        t_last = int(starts[starts[:, 0] == s, 1].max())
-        t0 = np.arange(t_last + 1, t_last + target_steps + 1)
-        out.append(np.stack([np.full_like(t0, s), t0], axis=1))
-    if not out:
-        return np.zeros((0, 2), dtype=np.int64)
-    return np.concatenate(out).astype(np.int64)
-
-
-def pool_dataset(dm: Any) -> xr.Dataset:
-    """The datamodule's augmented pool as a CF-style dataset for inspection.
-
-    ``<var>_input (pool, input_time, y, x)``, ``<var>_pseudo_target (pool, lead_time, y, x)``,
-    ``score (pool)`` and ``age (pool)`` (order of addition), physical units.
-    """
-    n = int(dm.pool_size)
-    if n == 0:
-        raise ValueError("pool_dataset: the datamodule's pool is empty; nothing to write")
-    x = dm.pool_x.float().numpy()
-    y = dm.pool_y.float().numpy()
-    coords: dict[str, Any] = {
-        "pool": ("pool", np.arange(n), {"long_name": "pool sample"}),
-        "input_time": (
-            "input_time",
-            np.arange(-x.shape[1] + 1, 1),
-            {"long_name": "input frame, 0 = last input frame", "units": "time steps"},
-        ),
-        "lead_time": (
-            "lead_time",
-            np.arange(1, y.shape[1] + 1),
-            {"long_name": "forecast lead time", "units": "time steps"},
-        ),
-    }
-    for dim, new in ((dm.y_dim, "y"), (dm.x_dim, "x")):
-        if dim in dm.coords:
-            coords[new] = (new, dm.coords[dim].values, dict(dm.coords[dim].attrs))
-    data_vars: dict[str, Any] = {
-        "score": ("pool", dm.pool_score.float().numpy(), {"long_name": "ensemble score"}),
-        "age": ("pool", dm.pool_age.numpy(), {"long_name": "order of addition to the pool"}),
-    }
-    for c, name in enumerate(dm.variables):
-        attrs = {
-            k: v
-            for k, v in dm.var_attrs.get(name, {}).items()
-            if k in ("units", "long_name", "standard_name")
-        }
-        data_vars[f"{name}_input"] = (("pool", "input_time", "y", "x"), x[:, :, c], attrs)
-        data_vars[f"{name}_pseudo_target"] = (("pool", "lead_time", "y", "x"), y[:, :, c], attrs)
-    return xr.Dataset(
-        data_vars,
-        coords=coords,
-        attrs={
-            "title": "beamvq augmented pool (BeamVQ self-training pseudo-targets)",
-            "Conventions": "CF-1.8",
-            "source": f"beam-searched self-ensembles of forecasts on {dm.path}",
-        },
-    )
 
 
 @contextmanager
@@ -356,11 +286,10 @@ class BeamSearchAugmentation(pl.Callback):
                 f"{trainer.reload_dataloaders_every_n_epochs})"
             )
         dm = trainer.datamodule
-        missing = [
-            name
-            for name in ("training_windows", "add_to_pool", "pool_size", "normalization")
-            if not hasattr(dm, name)
-        ]
+        needed = ["training_windows", "add_to_pool", "pool_size", "normalization"]
+        needed += ["future_free_inputs"] if self.unlabelled_windows else []
+        needed += ["pool_dataset"] if self.pool_output else []
+        missing = [name for name in needed if not hasattr(dm, name)]
         if dm is None or missing:
             raise TypeError(
                 "BeamSearchAugmentation needs a datamodule with the augmented-pool API "
@@ -477,7 +406,7 @@ class BeamSearchAugmentation(pl.Callback):
             f"{gain:.4g}, search {search_seconds:.2f}s = {ratio:.3f} x the training epoch"
         )
         if self.pool_output and trainer.is_global_zero and dm.pool_size:
-            write_netcdf(pool_dataset(dm), self.pool_output)
+            write_netcdf(dm.pool_dataset(), self.pool_output)
 
     def _search_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Accepted:
         """Search this rank's share of the epoch's inputs, gather over ranks, keep the accepted."""
@@ -531,32 +460,11 @@ class BeamSearchAugmentation(pl.Callback):
         return Accepted(x, pseudo, ens, int(valid.sum()), gain)
 
     def unlabelled_inputs(self, dm: Any, epoch: int) -> Tensor:
-        """Up to ``unlabelled_windows`` physical inputs with no recorded future (training split).
-
-        Built from the public ``data``/``starts`` of ``dm.dataset("train")``: only rows of
-        training samples are read, and only frames the training windows already hold.
-        """
+        """Up to ``unlabelled_windows`` physical inputs with no recorded future (training split),
+        a fresh random subset each epoch (``NetCDFDataModule.future_free_inputs``)."""
         if self.unlabelled_windows == 0:
             return torch.empty(0)
-        ds = dm.dataset("train")
-        starts = future_free_starts(np.asarray(ds.starts), ds.target_steps)
-        if len(starts) > self.unlabelled_windows:
-            rng = np.random.default_rng([self.seed, epoch, 1])
-            starts = starts[
-                np.sort(rng.choice(len(starts), self.unlabelled_windows, replace=False))
-            ]
-        if len(starts) == 0:
-            return torch.empty(0)
-        x = np.stack([np.asarray(ds.data[s, t0 : t0 + ds.in_steps]) for s, t0 in starts])
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        # the datamodule's NaN policy "fill" replaces missing values per channel in its windows
-        fill = getattr(ds, "fill", None)
-        if fill is not None:
-            bad = ~np.isfinite(x)
-            x[bad] = np.broadcast_to(np.asarray(fill, np.float32).reshape(1, 1, -1, 1, 1), x.shape)[
-                bad
-            ]
-        return torch.from_numpy(x)
+        return dm.future_free_inputs(self.unlabelled_windows, seed=[self.seed, epoch, 1])
 
     def search(
         self, pl_module: pl.LightningModule, x: Tensor, y: Tensor | None, scorer: Scorer

@@ -44,7 +44,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -190,6 +190,24 @@ def collate_windows(batch: Sequence[Sample]) -> Sample:
     return default_collate(batch)
 
 
+def future_free_starts(starts: np.ndarray, target_steps: int) -> np.ndarray:
+    """Start indices ``(M, 2)`` of (sample, t0) inputs that have no training target.
+
+    ``starts`` are a split's window starts ``(sample, t0)``. Per sample, the inputs starting
+    after its last window start ``t_last`` and at most ``target_steps`` later end no later than
+    that window's last frame (``t_last + in_steps + target_steps - 1``): their frames are all in
+    the split, their futures are not.
+    """
+    out = []
+    for s in np.unique(starts[:, 0]):
+        t_last = int(starts[starts[:, 0] == s, 1].max())
+        t0 = np.arange(t_last + 1, t_last + target_steps + 1)
+        out.append(np.stack([np.full_like(t0, s), t0], axis=1))
+    if not out:
+        return np.zeros((0, 2), dtype=np.int64)
+    return np.concatenate(out).astype(np.int64)
+
+
 class _Windows(Dataset):
     """Windows over an array-like ``(S, T, C, H, W)``; ``starts`` holds ``(sample, t0)``.
 
@@ -218,6 +236,15 @@ class _Windows(Dataset):
                 shape = (1,) * (frames.ndim - 3) + (-1, 1, 1)
                 frames[bad] = np.broadcast_to(self.fill.reshape(shape), frames.shape)[bad]
         return frames
+
+    def inputs(self, starts: np.ndarray) -> np.ndarray:
+        """The ``in_steps`` input frames ``(N, in_steps, C, H, W)`` (float32, missing values
+        filled) starting at each ``(sample, t0)`` of ``starts``: windows need not exist there."""
+        data = self._source()
+        x = np.empty((len(starts), self.in_steps, *data.shape[2:]), np.float32)
+        for j, (s, t0) in enumerate(np.asarray(starts, dtype=np.int64).tolist()):
+            x[j] = data[s, t0 : t0 + self.in_steps]
+        return self._filled(x)
 
     def __getitem__(self, i: int) -> Sample:
         s, t0 = (int(v) for v in self.starts[i])
@@ -1078,7 +1105,9 @@ class NetCDFDataModule(pl.LightningDataModule):
 
     def _generate_if_missing(self) -> None:
         if self.generator is not None and not Path(self.path).is_file():
-            log.info("%s is missing: generating it with %s", self.path, type(self.generator).__name__)
+            log.info(
+                "%s is missing: generating it with %s", self.path, type(self.generator).__name__
+            )
             self.generator.write(self.path)
 
     def prepare_data(self) -> None:
@@ -1494,6 +1523,66 @@ class NetCDFDataModule(pl.LightningDataModule):
             idx = np.sort(np.random.default_rng(seed).choice(len(ds), max_windows, replace=False))
         xs, ys = zip(*[(ds[i].x, ds[i].y) for i in idx])
         return idx, torch.stack(xs), torch.stack(ys)
+
+    def future_free_inputs(self, max_inputs: int | None = None, seed: Any = 0) -> Tensor:
+        """Physical inputs ``(N, in_steps, C, H, W)`` of the training split with no recorded future.
+
+        Per training sample, the inputs that start after its last window and end within that
+        window's frames (``future_free_starts``): only frames the training windows already hold,
+        never validation or test data. A random subset of ``max_inputs`` (``seed``: anything
+        ``numpy.random.default_rng`` takes), in time order. Reference-free scorers search these.
+        """
+        ds = self.dataset("train")
+        starts = future_free_starts(np.asarray(ds.starts), self.target_steps)
+        if max_inputs is not None and len(starts) > max_inputs:
+            pick = np.random.default_rng(seed).choice(len(starts), max_inputs, replace=False)
+            starts = starts[np.sort(pick)]
+        return torch.from_numpy(ds.inputs(starts))
+
+    def pool_dataset(self) -> xr.Dataset:
+        """The augmented pool as a CF-style dataset for inspection, physical units:
+        ``<var>_input (pool, input_time, y, x)``, ``<var>_pseudo_target (pool, lead_time, y, x)``,
+        ``score (pool)`` and ``age (pool)`` (order of addition)."""
+        n = self.pool_size
+        if n == 0:
+            raise ValueError("pool_dataset: the augmented pool is empty; nothing to write")
+        x, y = self.pool_x.float().numpy(), self.pool_y.float().numpy()
+        coords: dict[str, Any] = {
+            "pool": ("pool", np.arange(n), {"long_name": "pool sample"}),
+            "input_time": (
+                "input_time",
+                np.arange(-x.shape[1] + 1, 1),
+                {"long_name": "input frame, 0 = last input frame", "units": "time steps"},
+            ),
+            "lead_time": (
+                "lead_time",
+                np.arange(1, y.shape[1] + 1),
+                {"long_name": "forecast lead time", "units": "time steps"},
+            ),
+        }
+        for dim, new in ((self.y_dim, "y"), (self.x_dim, "x")):
+            if dim in self.coords:
+                coords[new] = (new, self.coords[dim].values, dict(self.coords[dim].attrs))
+        data_vars: dict[str, Any] = {
+            "score": ("pool", self.pool_score.float().numpy(), {"long_name": "ensemble score"}),
+            "age": ("pool", self.pool_age.numpy(), {"long_name": "order of addition to the pool"}),
+        }
+        for c, name in enumerate(self.variables):
+            keep = ("units", "long_name", "standard_name")
+            attrs = {k: v for k, v in self.var_attrs.get(name, {}).items() if k in keep}
+            data_vars[f"{name}_input"] = (("pool", "input_time", "y", "x"), x[:, :, c], attrs)
+            data_vars[f"{name}_pseudo_target"] = (
+                ("pool", "lead_time", "y", "x"), y[:, :, c], attrs,
+            )  # fmt: skip
+        return xr.Dataset(
+            data_vars,
+            coords=coords,
+            attrs={
+                "title": "beamvq augmented pool (BeamVQ self-training pseudo-targets)",
+                "Conventions": "CF-1.8",
+                "source": f"beam-searched self-ensembles of forecasts on {self.path}",
+            },
+        )
 
     # -- loaders -----------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:

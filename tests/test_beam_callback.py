@@ -25,13 +25,8 @@ from beamvq.bottleneck import VQBottleneck
 from beamvq.cli import main
 from beamvq.metrics import NegMSEScorer, SpectrumScorer
 from beamvq.module import ForecastModule
-from callbacks.beam_search import (
-    BeamSearchAugmentation,
-    future_free_starts,
-    merge_gathered,
-    shard,
-)
-from datamodules.netcdf import NetCDFDataModule
+from callbacks.beam_search import BeamSearchAugmentation, merge_gathered, shard
+from datamodules.netcdf import NetCDFDataModule, WindowDataset, future_free_starts
 from datamodules.synthetic import NavierStokesGenerator, write_navier_stokes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -289,20 +284,39 @@ def test_future_free_starts() -> None:
         assert t0 + 2 - 1 <= t_last + 4 - 1
 
 
-def test_unlabelled_inputs_follow_the_last_windows_and_the_fill_policy() -> None:
+def test_window_inputs_read_any_start_and_fill_missing_values() -> None:
     data = np.arange(2 * 9 * 2 * 1 * 1, dtype=np.float32).reshape(2, 9, 2, 1, 1)
     data[1, 6, 1] = np.nan
-    starts = np.array([[1, 0], [1, 1], [1, 2], [1, 3]])  # sample 0 belongs to another split
-    ds = SimpleNamespace(data=data, starts=starts, in_steps=2, target_steps=4, fill=[-1.0, -2.0])
-    dm = SimpleNamespace(dataset=lambda split: ds if split == "train" else None)
-    cb = BeamSearchAugmentation(SpectrumScorer(), unlabelled_windows=10)
-    x = cb.unlabelled_inputs(dm, epoch=0).numpy()
-    assert x.shape == (4, 2, 2, 1, 1)  # t0 = 4..7 of sample 1
-    expected = np.stack([data[1, t0 : t0 + 2] for t0 in range(4, 8)])
+    ds = WindowDataset(data, np.array([[1, 0]]), in_steps=2, target_steps=4)
+    ds.fill = np.array([-1.0, -2.0], np.float32)
+    x = ds.inputs(np.array([[1, 4], [1, 5], [0, 7]]))
+    expected = np.stack([data[1, 4:6], data[1, 5:7], data[0, 7:9]])
     expected[np.isnan(expected)] = -2.0  # channel 1's fill value
+    assert x.dtype == np.float32
     np.testing.assert_array_equal(x, expected)
-    cb_two = BeamSearchAugmentation(SpectrumScorer(), unlabelled_windows=2)
-    assert cb_two.unlabelled_inputs(dm, epoch=3).shape[0] == 2
+
+
+def test_unlabelled_inputs_come_after_the_last_training_windows(ns_file: Path) -> None:
+    dm = SpyDataModule(str(ns_file))
+    dm.setup("fit")
+    train = dm.dataset("train")
+    data = dm.dataset("train").data  # physical (S, T, C, H, W), in memory
+    want = future_free_starts(train.starts, dm.target_steps)
+    # 9 frames, windows of 2 + 2x2 = 6 frames: starts 0..3 per sample, future-free t0 = 4..7
+    assert sorted(set(want[:, 1].tolist())) == [4, 5, 6, 7]
+    assert set(want[:, 0]) == set(train.starts[:, 0]) and len(want) == 4 * len(set(want[:, 0]))
+    cb = BeamSearchAugmentation(SpectrumScorer(), unlabelled_windows=100)
+    dm.recording = True
+    x = cb.unlabelled_inputs(dm, epoch=0)
+    assert {c[1] for c in dm.calls if c[0] == "dataset"} == {"train"}  # never val or test
+    expected = np.stack([data[s, t0 : t0 + T_IN] for s, t0 in want])
+    np.testing.assert_array_equal(x.numpy(), expected)
+    # a fresh random subset each epoch, reproducible
+    two = BeamSearchAugmentation(SpectrumScorer(), unlabelled_windows=2, seed=5)
+    a, b = two.unlabelled_inputs(dm, epoch=3), two.unlabelled_inputs(dm, epoch=3)
+    assert a.shape == (2, T_IN, 1, 16, 16) and torch.equal(a, b)
+    epochs = [two.unlabelled_inputs(dm, epoch=e) for e in range(6)]
+    assert any(not torch.equal(epochs[0], e) for e in epochs[1:])
 
 
 # -- checks before work -----------------------------------------------------------------------
