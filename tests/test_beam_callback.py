@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import functools
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
