@@ -252,3 +252,21 @@ def test_quickstart_trains_one_epoch(config: str, quickstart_data: Path) -> None
     if config != "offload_half.yaml":
         assert len(report.converted) > 0
     assert trainer.callback_metrics["quant/kept_bytes"] > 0
+
+
+def test_strategies_repeat_every_precision_argument_with_its_default() -> None:
+    import inspect
+
+    from beamvq.quant.plugin import FP8OffloadDDPStrategy, FP8OffloadStrategy, QuantPrecision
+
+    want = dict(inspect.signature(QuantPrecision.__init__).parameters)
+    want.pop("self")
+    for strategy in (FP8OffloadStrategy, FP8OffloadDDPStrategy):
+        got = inspect.signature(strategy.__init__).parameters
+        for name, param in want.items():
+            assert name in got, f"{strategy.__name__} lacks {name}"
+            assert got[name].default == param.default, (strategy.__name__, name)
+            assert got[name].annotation == param.annotation, (strategy.__name__, name)
+    s = FP8OffloadDDPStrategy(backend="simulate", fmt="e2m1", offload_alpha=0.25, exclude=["head"])
+    assert s._quant.recipe.x.fmt.exp_bits == 2 and s._quant.recipe.x.fmt.man_bits == 1
+    assert s._quant.offload.alpha == 0.25 and s._quant.exclude == ["head"]

@@ -27,6 +27,7 @@ plugins would be replaced silently otherwise, so the strategies refuse them with
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections.abc import Generator
 from datetime import timedelta
@@ -246,24 +247,7 @@ class FP8OffloadStrategy(_QuantStrategyMixin, SingleDeviceStrategy):
         offload_modules: list[str] | None = None,
         token_dim: int = -2,
     ) -> None:
-        quant = QuantPrecision(
-            backend=backend,
-            fmt=fmt,
-            special=special,
-            grad_fmt=grad_fmt,
-            grad_special=grad_special,
-            targets=targets,
-            granularity=granularity,
-            block_size=block_size,
-            scale_pow2=scale_pow2,
-            quantize_conv=quantize_conv,
-            torchao_recipe=torchao_recipe,
-            include=include,
-            exclude=exclude,
-            offload_alpha=offload_alpha,
-            offload_modules=offload_modules,
-            token_dim=token_dim,
-        )
+        quant = precision_from(locals())
         self._quant = quant
         self._device_arg = torch.device(device) if device is not None else None
         # filled by the Trainer with the devices it selected (accelerator / devices flags)
@@ -316,24 +300,7 @@ class FP8OffloadDDPStrategy(_QuantStrategyMixin, DDPStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta = timedelta(minutes=30),
     ) -> None:
-        quant = QuantPrecision(
-            backend=backend,
-            fmt=fmt,
-            special=special,
-            grad_fmt=grad_fmt,
-            grad_special=grad_special,
-            targets=targets,
-            granularity=granularity,
-            block_size=block_size,
-            scale_pow2=scale_pow2,
-            quantize_conv=quantize_conv,
-            torchao_recipe=torchao_recipe,
-            include=include,
-            exclude=exclude,
-            offload_alpha=offload_alpha,
-            offload_modules=offload_modules,
-            token_dim=token_dim,
-        )
+        quant = precision_from(locals())
         self._quant = quant
         super().__init__(
             precision_plugin=quant,
@@ -342,6 +309,18 @@ class FP8OffloadDDPStrategy(_QuantStrategyMixin, DDPStrategy):
             start_method=start_method,  # type: ignore[arg-type]
             find_unused_parameters=find_unused_parameters,
         )
+
+
+def precision_from(arguments: dict[str, Any]) -> QuantPrecision:
+    """The ``QuantPrecision`` of a strategy's constructor arguments (its ``locals()``).
+
+    The strategies repeat ``QuantPrecision``'s arguments in their own signatures, flat and typed,
+    so that YAML and ``--trainer.strategy.init_args.*`` see them; this passes them on by name.
+    """
+    return QuantPrecision(**{name: arguments[name] for name in _PRECISION_ARGS})
+
+
+_PRECISION_ARGS = tuple(inspect.signature(QuantPrecision.__init__).parameters)[1:]
 
 
 def register_strategies() -> None:
