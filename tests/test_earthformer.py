@@ -352,6 +352,9 @@ def test_relative_position_bias_depends_only_on_the_offset() -> None:
     assert torch.equal(bias[:, 0, 0], rpb.table[2 * 7 + 3])
     with pytest.raises(ValueError, match="exceeds"):
         rpb(torch.tensor([[3, 0]]), torch.tensor([[0, 0]]))
+    with pytest.raises(ValueError, match="exceeds"):
+        rpb.check(torch.tensor([[0, 0]]), torch.tensor([[0, 4]]))
+    rpb.check(torch.tensor([[2, 3]]), torch.tensor([[0, 0]]))  # the largest offsets pass
 
 
 def test_axial_position_embedding_mlp_and_drop_path() -> None:

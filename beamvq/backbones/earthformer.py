@@ -262,6 +262,7 @@ class CuboidSelfAttention(nn.Module):
         self.attn = MultiHeadAttention(dim, num_heads, attn_drop=attn_drop, proj_drop=proj_drop)
         self.rel_bias = RelativePositionBias(pattern.size, num_heads)
         self.register_buffer("coords", grid_coords(pattern.size), persistent=False)
+        self.rel_bias.check(self.coords, self.coords)
         self.register_buffer("mask", cuboid_attention_mask(extents, pattern), persistent=False)
         if use_global:
             self.global_norm = nn.LayerNorm(dim)
@@ -376,6 +377,7 @@ class CuboidCrossAttention(nn.Module):
         q_coords = grid_coords((steps_x, kh, kw)) + torch.tensor([steps_mem, 0, 0])
         self.register_buffer("q_coords", q_coords, persistent=False)
         self.register_buffer("k_coords", grid_coords((steps_mem, kh, kw)), persistent=False)
+        self.rel_bias.check(self.q_coords, self.k_coords)
         key_mask = None
         if any(self.pads):
             real = F.pad(

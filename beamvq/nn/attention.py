@@ -213,14 +213,23 @@ class RelativePositionBias(nn.Module):
         self.register_buffer("strides", torch.tensor(strides), persistent=False)
         self.register_buffer("offsets", torch.tensor(self.extents) - 1, persistent=False)
 
-    def forward(self, q_coords: Tensor, k_coords: Tensor) -> Tensor:
-        """``q_coords: (Lq, n)``, ``k_coords: (Lk, n)`` integer -> bias ``(heads, Lq, Lk)``."""
-        delta = q_coords[:, None, :] - k_coords[None, :, :] + self.offsets
-        limit = 2 * self.offsets
-        if bool(((delta < 0) | (delta > limit)).any()):
+    def check(self, q_coords: Tensor, k_coords: Tensor) -> None:
+        """Raise if an offset between the coordinates falls outside the table's extents."""
+        delta = q_coords[:, None, :] - k_coords[None, :, :] + self.offsets.to(q_coords.device)
+        if bool(((delta < 0) | (delta > 2 * self.offsets.to(delta.device))).any()):
             raise ValueError(
                 f"RelativePositionBias: an offset exceeds the table's extents {self.extents}"
             )
+
+    def forward(self, q_coords: Tensor, k_coords: Tensor) -> Tensor:
+        """``q_coords: (Lq, n)``, ``k_coords: (Lk, n)`` integer -> bias ``(heads, Lq, Lk)``.
+
+        The range check runs here only on CPU: on an accelerator it would synchronize the device
+        at every call. Layers whose coordinates are fixed call :meth:`check` once when built.
+        """
+        if q_coords.device.type == "cpu":
+            self.check(q_coords, k_coords)
+        delta = q_coords[:, None, :] - k_coords[None, :, :] + self.offsets
         index = (delta * self.strides).sum(-1)
         return rearrange(self.table[index], "lq lk h -> h lq lk")
 
