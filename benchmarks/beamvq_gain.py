@@ -592,6 +592,9 @@ def ablation_settings(p: Protocol) -> list[tuple[str, Protocol]]:
         ("beam_width=8", replace(p, beam_width=8)),
         ("K=2", replace(p, candidate_k=2, beam_width=2, top_k=2)),
         ("pool cap 32", replace(p, pool_capacity=32)),
+        ("scorer=ssim", replace(p, scorer="ssim")),
+        ("scorer=negmse+spectrum", replace(p, scorer="negmse+spectrum")),
+        ("32 future-free inputs", replace(p, unlabelled_windows=32)),
         (
             "continuous + candidate loss 0",
             replace(p, vq_path="continuous", candidate_loss_weight=0.0),
