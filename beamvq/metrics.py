@@ -495,7 +495,6 @@ def lat_weighted_rmse(pred: Tensor, target: Tensor, lat: Tensor) -> Tensor:
     return _per_lead_mean((pred - target).square() * w).sqrt()
 
 
-
 def lat_weighted_acc(pred: Tensor, target: Tensor, climatology: Tensor, lat: Tensor) -> Tensor:
     """Anomaly correlation coefficient per sample, lead and channel (WeatherBench).
 
@@ -511,6 +510,7 @@ def lat_weighted_acc(pred: Tensor, target: Tensor, climatology: Tensor, lat: Ten
     num = (w * f * o).sum((-2, -1))
     den = ((w * f * f).sum((-2, -1)) * (w * o * o).sum((-2, -1))).sqrt()
     return num / den.clamp_min(torch.finfo(pred.dtype).tiny)
+
 
 # --------------------------------------------------------------------------------------------
 # 6. Scorers: higher is better, (B, K, T, C, H, W) candidates -> (B, K)

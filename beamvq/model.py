@@ -58,7 +58,9 @@ class VQForecaster(nn.Module):
         self.backbone.check_input(x)
         enc = self.backbone.encode(x)
         if self.bottleneck is None:
-            return ForecastOutput(self.backbone.decode(self.backbone.translate(enc)), x.new_zeros(()), None)
+            return ForecastOutput(
+                self.backbone.decode(self.backbone.translate(enc)), x.new_zeros(()), None
+            )
         q = self.bottleneck(enc.z)
         y = self.backbone.decode(self.backbone.translate(enc._replace(z=q.z_q)))
         return ForecastOutput(y, q.aux_loss, q.indices)
@@ -103,11 +105,15 @@ class VQForecaster(nn.Module):
         """
         if self.bottleneck is None:
             if k != 1:
-                raise ValueError(f"candidate_rollout: k={k} needs a VQ bottleneck; this model has none")
+                raise ValueError(
+                    f"candidate_rollout: k={k} needs a VQ bottleneck; this model has none"
+                )
             return self.rollout(x, steps).y.unsqueeze(1)
         first = self.candidates(x, k)  # (B, k, T, ...)
         outs = [first]
-        window = next_window(x.repeat_interleave(k, dim=0), rearrange(first, "b k t c h w -> (b k) t c h w"))
+        window = next_window(
+            x.repeat_interleave(k, dim=0), rearrange(first, "b k t c h w -> (b k) t c h w")
+        )
         for _ in range(steps - 1):
             enc = self.backbone.encode(window)  # batch B*k, member-major within each sample
             ranked = self.bottleneck.topk(enc.z, k)  # (B*k, k, D, ...)

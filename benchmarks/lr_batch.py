@@ -60,9 +60,7 @@ class RunResult(NamedTuple):
     datamodule: NetCDFDataModule
 
 
-def measure_noise_scale(
-    module: ForecastModule, dm: NetCDFDataModule, n_batches: int
-) -> float:
+def measure_noise_scale(module: ForecastModule, dm: NetCDFDataModule, n_batches: int) -> float:
     """tr(Σ)/|G|² at the module's current weights: ratio of averaged single-batch estimates."""
     monitor = NoiseScaleMonitor()
     module.train()
@@ -95,7 +93,9 @@ def train_once(
         variables=["vorticity"],
         batch_size=batch_size,
         seed=0,
-        generator=NavierStokesGenerator(n_trajectories=24, resolution=resolution, n_frames=20, seed=0),
+        generator=NavierStokesGenerator(
+            n_trajectories=24, resolution=resolution, n_frames=20, seed=0
+        ),
     )
     module = ForecastModule(
         backbone=UNet(5, 5, 1, 1, base_width=8, depth=2, norm_groups=4),

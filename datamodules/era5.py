@@ -240,7 +240,6 @@ def write_era5_like(path: str | os.PathLike, **kwargs: object) -> Path:
     return write_netcdf(ds, path)
 
 
-
 class ERA5LikeGenerator(DataGenerator):
     """The ERA5-like toy atmosphere (arguments of ``generate_era5_like``), packed int16."""
 
@@ -255,10 +254,17 @@ class ERA5LikeGenerator(DataGenerator):
         seed: int = 0,
     ) -> None:
         if convention not in CONVENTIONS:
-            raise ValueError(f"generator convention must be one of {CONVENTIONS}, got {convention!r}")
+            raise ValueError(
+                f"generator convention must be one of {CONVENTIONS}, got {convention!r}"
+            )
         self.kwargs = dict(
-            n_times=n_times, start=start, step_hours=step_hours, levels=tuple(levels),
-            resolution_deg=resolution_deg, convention=convention, seed=seed,
+            n_times=n_times,
+            start=start,
+            step_hours=step_hours,
+            levels=tuple(levels),
+            resolution_deg=resolution_deg,
+            convention=convention,
+            seed=seed,
         )
 
     def write(self, path: str | os.PathLike) -> Path:

@@ -258,7 +258,6 @@ def write_shallow_water(
     return write_netcdf(ds, path)
 
 
-
 class ShallowWaterGenerator(DataGenerator):
     """Radial dam breaks (arguments of ``generate_shallow_water``); variables h, u, v."""
 
@@ -272,8 +271,12 @@ class ShallowWaterGenerator(DataGenerator):
         seed: int = 0,
     ) -> None:
         self.kwargs = dict(
-            n_trajectories=n_trajectories, resolution=resolution, n_frames=n_frames, t_end=t_end,
-            cfl=cfl, seed=seed,
+            n_trajectories=n_trajectories,
+            resolution=resolution,
+            n_frames=n_frames,
+            t_end=t_end,
+            cfl=cfl,
+            seed=seed,
         )
 
     def write(self, path: str | os.PathLike) -> Path:

@@ -48,11 +48,24 @@ def all_subclasses(cls: type) -> set[type]:
 
 def test_registry_holds_exactly_the_ten() -> None:
     assert sorted(REGISTRY) == sorted(
-        ["resnet", "unet", "convlstm", "predrnn", "simvp", "tau", "fno", "cno", "fourcastnet", "earthformer"]
+        [
+            "resnet",
+            "unet",
+            "convlstm",
+            "predrnn",
+            "simvp",
+            "tau",
+            "fno",
+            "cno",
+            "fourcastnet",
+            "earthformer",
+        ]
     )
     concrete = {
-        c for c in all_subclasses(Backbone)
-        if not inspect.isabstract(c) and c.__module__.startswith("beamvq.backbones.")
+        c
+        for c in all_subclasses(Backbone)
+        if not inspect.isabstract(c)
+        and c.__module__.startswith("beamvq.backbones.")
         and c.__name__ != "PatchRecurrentBackbone"
     }
     assert concrete == set(REGISTRY.values())

@@ -393,8 +393,12 @@ def shrink_config(name: str, tmp: Path) -> Path:
         args = cb.setdefault("init_args", {})
         # plots and reports are tested elsewhere; no progress bar with enable_progress_bar=False
         if cb["class_path"].rsplit(".", 1)[-1] in (
-            "ForecastImageLogger", "LeadTimeReport", "CodebookUsageReport", "AugmentationReport",
-            "WandbArtifacts", "RichProgressBar",
+            "ForecastImageLogger",
+            "LeadTimeReport",
+            "CodebookUsageReport",
+            "AugmentationReport",
+            "WandbArtifacts",
+            "RichProgressBar",
         ):
             continue
         if "dirpath" in args:

@@ -15,11 +15,24 @@ from datamodules.synthetic import write_navier_stokes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "--data.init_args.generator.init_args.n_trajectories", "6", "--data.init_args.generator.init_args.resolution", "32",
-    "--data.init_args.generator.init_args.n_frames", "12", "--data.init_args.batch_size", "4",
-    "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
-    "--trainer.limit_val_batches", "2", "--trainer.limit_predict_batches", "2",
-    "--model.bottleneck.init_args.codebook_size", "32",
+    "--data.init_args.generator.init_args.n_trajectories",
+    "6",
+    "--data.init_args.generator.init_args.resolution",
+    "32",
+    "--data.init_args.generator.init_args.n_frames",
+    "12",
+    "--data.init_args.batch_size",
+    "4",
+    "--trainer.max_epochs",
+    "1",
+    "--trainer.limit_train_batches",
+    "3",
+    "--trainer.limit_val_batches",
+    "2",
+    "--trainer.limit_predict_batches",
+    "2",
+    "--model.bottleneck.init_args.codebook_size",
+    "32",
 ]
 
 
@@ -43,8 +56,16 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     try:
         cfg = quickstart_in(tmp_path)
         main(["fit", "--config", str(cfg), *TINY])
-        main(["predict", "--config", str(cfg), *TINY,
-              "--ckpt_path", str(tmp_path / "run" / "checkpoints" / "last.ckpt")])
+        main(
+            [
+                "predict",
+                "--config",
+                str(cfg),
+                *TINY,
+                "--ckpt_path",
+                str(tmp_path / "run" / "checkpoints" / "last.ckpt"),
+            ]
+        )
     finally:
         mp.undo()
     return tmp_path
@@ -103,22 +124,48 @@ def test_missing_checkpoint(tmp_path: Path, tiny_file: Path) -> None:
 def test_missing_file_without_generation(tmp_path: Path, tiny_file: Path) -> None:
     cfg = quickstart_in(tmp_path)
     with pytest.raises(FileNotFoundError, match="missing.nc"):
-        main(["fit", "--config", str(cfg), *TINY, "--trainer.logger", "false",
-              "--data.init_args.generator", "null",
-              "--data.init_args.path", str(tmp_path / "missing.nc")])
+        main(
+            [
+                "fit",
+                "--config",
+                str(cfg),
+                *TINY,
+                "--trainer.logger",
+                "false",
+                "--data.init_args.generator",
+                "null",
+                "--data.init_args.path",
+                str(tmp_path / "missing.nc"),
+            ]
+        )
 
 
 def test_missing_variable(tmp_path: Path, tiny_file: Path) -> None:
     cfg = quickstart_in(tmp_path)
     with pytest.raises(ValueError, match=r"ns.nc: variable\(s\) \['temperature'\] not in"):
-        main(["fit", "--config", str(cfg), "--trainer.logger", "false",
-              "--data.init_args.path", str(tiny_file),
-              "--data.init_args.variables", "[temperature]"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(cfg),
+                "--trainer.logger",
+                "false",
+                "--data.init_args.path",
+                str(tiny_file),
+                "--data.init_args.variables",
+                "[temperature]",
+            ]
+        )
 
 
 def test_window_longer_than_series(tmp_path: Path, tiny_file: Path) -> None:
-    with pytest.raises(ValueError, match=r"ns.nc: .*one window needs in_steps \+ out_steps x rollout_steps = 8 \+ 5 x 1 = 13"):
-        run_fit(tmp_path, "--data.init_args.in_steps", "8", "--model.backbone.init_args.in_steps", "8")
+    with pytest.raises(
+        ValueError,
+        match=r"ns.nc: .*one window needs in_steps \+ out_steps x rollout_steps = 8 \+ 5 x 1 = 13",
+    ):
+        run_fit(
+            tmp_path, "--data.init_args.in_steps", "8", "--model.backbone.init_args.in_steps", "8"
+        )
 
 
 def test_nan_in_data(tmp_path: Path, tiny_file: Path) -> None:
@@ -130,7 +177,9 @@ def test_nan_in_data(tmp_path: Path, tiny_file: Path) -> None:
         run_fit(tmp_path, "--data.init_args.path", str(tmp_path / "nan.nc"))
 
 
-def test_unknown_class_is_named(tmp_path: Path, tiny_file: Path, capsys: pytest.CaptureFixture) -> None:
+def test_unknown_class_is_named(
+    tmp_path: Path, tiny_file: Path, capsys: pytest.CaptureFixture
+) -> None:
     with pytest.raises(SystemExit):
         run_fit(tmp_path, "--model.backbone", "beamvq.backbones.NoSuchNet")
     assert "NoSuchNet" in capsys.readouterr().err
@@ -143,8 +192,16 @@ def test_shape_mismatch_between_data_and_model(tmp_path: Path, tiny_file: Path) 
 
 def test_print_config_composes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"),
-              "--config", str(ROOT / "configs/backbones/fno.yaml"), "--print_config"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "configs/quickstart.yaml"),
+                "--config",
+                str(ROOT / "configs/backbones/fno.yaml"),
+                "--print_config",
+            ]
+        )
     out = capsys.readouterr().out
     assert "beamvq.backbones.FNO" in out and "NavierStokesGenerator" in out
     json.dumps(out)  # printable text

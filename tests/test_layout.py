@@ -46,7 +46,8 @@ def test_datamodules_never_import_the_module(path: Path) -> None:
 @pytest.mark.parametrize("path", files("callbacks"), ids=lambda p: str(p.relative_to(ROOT)))
 def test_callbacks_use_only_search_and_metrics_from_the_model_side(path: Path) -> None:
     bad = [
-        n for n in imports(path)
+        n
+        for n in imports(path)
         if n.split(".")[0] == "beamvq" and n not in ("beamvq.search", "beamvq.metrics")
     ]
     assert not bad, f"{path}: imports {bad}"
@@ -68,7 +69,8 @@ def test_lightning_only_as_pytorch_lightning(path: Path) -> None:
 def test_no_print_in_library_code(path: Path) -> None:
     tree = ast.parse(path.read_text())
     calls = [
-        n.lineno for n in ast.walk(tree)
+        n.lineno
+        for n in ast.walk(tree)
         if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "print"
     ]
     assert not calls, f"{path}: print() at lines {calls}; use logging"

@@ -22,8 +22,13 @@ class _Trainer:
 
 
 def test_surge_rule_sets_the_learning_rate_for_the_global_batch(monkeypatch) -> None:
-    module = ForecastModule(ResNet(2, 2, 1, 1, width=8, n_blocks=2, norm_groups=4), lr=1e-3,
-                            scheduler="none", lr_reference_batch_size=16, lr_b_noise=64.0)
+    module = ForecastModule(
+        ResNet(2, 2, 1, 1, width=8, n_blocks=2, norm_groups=4),
+        lr=1e-3,
+        scheduler="none",
+        lr_reference_batch_size=16,
+        lr_b_noise=64.0,
+    )
     monkeypatch.setattr(ForecastModule, "trainer", property(lambda self: _Trainer()))
     opt = module.configure_optimizers()
     expected = lr_for_batch(32 * 2 * 2, 16, 1e-3, 64.0)
@@ -52,7 +57,9 @@ def test_latlon_metrics_pool_like_the_functions() -> None:
     p, t = torch.cat(preds), torch.cat(targets)
     torch.testing.assert_close(
         torch.stack([out[f"lat_rmse_lead{i + 1}"] for i in range(3)]),
-        metrics.lat_weighted_rmse(p, t, lat), rtol=1e-5, atol=1e-6,
+        metrics.lat_weighted_rmse(p, t, lat),
+        rtol=1e-5,
+        atol=1e-6,
     )
     acc = metrics.lat_weighted_acc(p, t, clim, lat)
     torch.testing.assert_close(out["acc"], acc.mean(), rtol=1e-5, atol=1e-6)

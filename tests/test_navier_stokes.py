@@ -64,7 +64,9 @@ def test_dataset_layout_and_file(tmp_path) -> None:
     assert ds.vorticity.attrs["units"] == "s-1"
     assert ds.attrs["Conventions"] == "CF-1.8"
     np.testing.assert_allclose(ds.time.values, [1.0, 2.0, 3.0])
-    path = write_navier_stokes(tmp_path / "ns.nc", n_trajectories=2, resolution=16, n_frames=3, seed=0)
+    path = write_navier_stokes(
+        tmp_path / "ns.nc", n_trajectories=2, resolution=16, n_frames=3, seed=0
+    )
     with xr.open_dataset(path) as back:
         np.testing.assert_array_equal(back.vorticity.values, ds.vorticity.values)
         assert back.vorticity.encoding["zlib"]

@@ -32,6 +32,17 @@ REGISTRY: dict[str, type[Backbone]] = {
 }
 
 __all__ = [
-    "CNO", "FNO", "REGISTRY", "TAU", "Backbone", "ConvLSTM", "Earthformer", "Encoded",
-    "FourCastNet", "PredRNN", "ResNet", "SimVPv2", "UNet",
+    "CNO",
+    "FNO",
+    "REGISTRY",
+    "TAU",
+    "Backbone",
+    "ConvLSTM",
+    "Earthformer",
+    "Encoded",
+    "FourCastNet",
+    "PredRNN",
+    "ResNet",
+    "SimVPv2",
+    "UNet",
 ]
