@@ -20,13 +20,19 @@ Protocol (every number is a flag; the defaults are the documented protocol, docs
   batches per epoch:
 
   - ``base``: the backbone alone, MSE loss;
-  - ``beamvq``: backbone + VQ bottleneck (512 codes, EMA 0.99, commitment 0.25) + candidate loss
+  - ``beamvq``: backbone + VQ bottleneck (512 codes, EMA 0.99) + candidate loss
     (weight 0.1, K = 4) + ``BeamSearchAugmentation`` from ``--start-epoch`` on, every epoch:
     32 training windows beam-searched (beam 4, K 4, top-2 mean self-ensemble, only when it beats
     the plain forecast), scored by -MSE (ns) or CSI over the SEVIR thresholds (storm); pool of 256
     at loss weight 0.5.
   - ``vq`` (``--arms``): the bottleneck and candidate loss without augmentation, to tell the two
     apart (PAPERS.md: "measure it separately").
+
+  The bottleneck: by default beamvq's improved one, ``VQBottleneck(forecast_path="continuous")``
+  at commitment 0.02 (the forecast decodes the continuous latent; the code bank gives the K
+  alternatives), which the ablation in docs/results.md points to. ``--vq-path quantized
+  --commitment 0.25`` is the papers' bottleneck (the forecast decodes the nearest code); reports
+  show those arms as ``vq-paper`` / ``beamvq-paper``.
 
 - evaluation: the final weights (no checkpoint selection) on the test trajectories, physical
   units: MSE and relative L2 per lead time (relative L2 = ||pred - y|| / ||y|| per sample and
@@ -109,7 +115,7 @@ class Protocol:
     train_batches: int = 8  # per epoch (128 of the 320 training windows, reshuffled each epoch)
     lr: float = 2e-3
     codebook_size: int = 512
-    commitment_weight: float = 0.25
+    commitment_weight: float = 0.02
     candidate_k: int = 4
     candidate_loss_weight: float = 0.1
     # BeamVQ self-training
@@ -125,8 +131,9 @@ class Protocol:
     pool_weight: float = 0.5
     scorer: str = "default"  # ns: negmse, storm: csi
     unlabelled_windows: int = 0
-    # "quantized": the library's bottleneck; "continuous": VQBottleneck(forecast_path="continuous")
-    vq_path: str = "quantized"
+    # "continuous": VQBottleneck(forecast_path="continuous"), beamvq's improved bottleneck;
+    # "quantized": the papers' (the forecast decodes the nearest code)
+    vq_path: str = "continuous"
 
     def label(self, base: Protocol) -> str:
         """The fields that differ from ``base``, e.g. ``beam_width=1 top_k=1``."""
@@ -438,11 +445,37 @@ def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+REPORT_ARMS = ("base", "vq-paper", "beamvq-paper", "vq", "beamvq")
+# the protocol fields a base-arm training depends on
+BASE_FIELDS = (
+    "resolution", "n_train", "n_val", "n_test", "n_frames", "in_steps", "out_steps",
+    "rollout_steps", "epochs", "batch_size", "train_batches", "lr",
+)  # fmt: skip
+
+
+def arm_label(row: dict) -> str:
+    """``vq``/``beamvq`` with the improved bottleneck; ``-paper`` with the papers' quantized one
+    (rows written before the option existed have no ``vq_path``: they ran the papers')."""
+    if row["arm"] != "base" and row["protocol"].get("vq_path", "quantized") == "quantized":
+        return f"{row['arm']}-paper"
+    return row["arm"]
+
+
 def grouped(rows: list[dict], label: str | None = None) -> dict[tuple, list[dict]]:
+    """Rows by (dataset, backbone, label, arm label); a training found in several files (same
+    arm, seed and protocol: the base arm is shared by both bottlenecks) counts once."""
     out: dict[tuple, list[dict]] = {}
+    seen: set[str] = set()
     for r in rows:
-        key = (r["dataset"], r["backbone"], r.get("label", label or "default"), r["arm"])
-        out.setdefault(key, []).append(r)
+        lab = r.get("label", label or "default")
+        proto = r["protocol"]
+        if r["arm"] == "base":  # the bottleneck and search settings do not touch it
+            proto = {k: v for k, v in proto.items() if k in BASE_FIELDS}
+        ident = json.dumps([r["dataset"], r["backbone"], lab, r["arm"], r["seed"], proto])
+        if ident in seen:
+            continue
+        seen.add(ident)
+        out.setdefault((r["dataset"], r["backbone"], lab, arm_label(r)), []).append(r)
     return out
 
 
@@ -464,7 +497,7 @@ def report(rows: list[dict], split: str = "test") -> str:
     for ds in datasets:
         horizon = len(next(r for r in rows if r["dataset"] == ds)[split]["mse_lead"])
         keys = metric_keys(ds, horizon)
-        arms = [a for a in ARMS if any(k[0] == ds and k[3] == a for k in groups)]
+        arms = [a for a in REPORT_ARMS if any(k[0] == ds and k[3] == a for k in groups)]
         backbones = [b for b in REGISTRY if any(k[0] == ds and k[1] == b for k in groups)]
         header = ["backbone", "seeds"]
         for title, _ in keys:
@@ -516,7 +549,7 @@ def report(rows: list[dict], split: str = "test") -> str:
                     )
         out.append(f"\n{ds}: per lead time (1..{horizon}), mean over seeds\n")
         out.append(markdown(["backbone", "arm", "MSE per lead", "rel L2 per lead"], lead_rows))
-        secs = [r["train_seconds"] for r in rows if r["dataset"] == ds]
+        secs = [r["train_seconds"] for k, rs in groups.items() if k[0] == ds for r in rs]
         out.append(f"\nTraining time per run: mean {statistics.fmean(secs):.1f} s, "
                    f"max {max(secs):.1f} s ({len(secs)} runs).\n")  # fmt: skip
     return "\n".join(out)
@@ -571,13 +604,22 @@ def ablation_report(rows: list[dict]) -> str:
 MODEL_SETTINGS = (
     "default", "candidate loss 0", "K=8", "continuous path (proposed)",
     "continuous + candidate loss 0", "continuous + commitment 0.02",
+    "papers' bottleneck (quantized, commitment 0.25)", "quantized path", "commitment 0.25",
 )  # fmt: skip
 
 
 def ablation_settings(p: Protocol) -> list[tuple[str, Protocol]]:
-    """Each knob the issue names, one at a time against the default protocol."""
-    return [
+    """Each knob the issue names, one at a time against the protocol ``p``; a setting that gives
+    the same protocol as an earlier one (e.g. "continuous path" when ``p`` is continuous) is
+    dropped."""
+    settings = [
         ("default", p),
+        (
+            "papers' bottleneck (quantized, commitment 0.25)",
+            replace(p, vq_path="quantized", commitment_weight=0.25),
+        ),
+        ("quantized path", replace(p, vq_path="quantized")),
+        ("commitment 0.25", replace(p, commitment_weight=0.25)),
         ("continuous path (proposed)", replace(p, vq_path="continuous")),
         ("candidate loss 0", replace(p, candidate_loss_weight=0.0)),
         ("only_improving=False", replace(p, only_improving=False)),
@@ -605,6 +647,13 @@ def ablation_settings(p: Protocol) -> list[tuple[str, Protocol]]:
             replace(p, vq_path="continuous", commitment_weight=0.02, unlabelled_windows=32),
         ),
     ]
+    seen: list[Protocol] = []
+    out = []
+    for label, q in settings:
+        if q not in seen:
+            seen.append(q)
+            out.append((label, q))
+    return out
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -621,8 +670,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--start-epoch", type=int, default=None)
     parser.add_argument("--train-batches", type=int, default=None)
     parser.add_argument("--resolution", type=int, default=None)
-    parser.add_argument("--vq-path", default=None, choices=("quantized", "continuous"))
-    parser.add_argument("--commitment", type=float, default=None, help="commitment weight")
+    parser.add_argument("--vq-path", default=None, choices=("quantized", "continuous"),
+                        help="the bottleneck's forecast path (default: continuous; quantized: "
+                        "the papers')")  # fmt: skip
+    parser.add_argument("--commitment", type=float, default=None,
+                        help="commitment weight (default 0.02; the papers' 0.25)")  # fmt: skip
     parser.add_argument("--data-dir", default=str(ROOT / "data" / "bench"))
     parser.add_argument("--results", default=None, help="JSON lines file to append results to")
     parser.add_argument("--report", nargs="*", default=None, help="print tables from these files")

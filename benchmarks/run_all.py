@@ -2,8 +2,10 @@
 
     python benchmarks/run_all.py                 # overhead + BeamVQ gain --quick (~6 min)
     python benchmarks/run_all.py --full          # + the full gain table (10 backbones x 2 data
-                                                 #   sets x 2 arms x 3 seeds; about an hour on
-                                                 #   2 quiet cores) and the ablation on fno
+                                                 #   sets x 2 arms x 3 seeds, improved bottleneck),
+                                                 #   the papers' bottleneck (seed 0), the vq arm
+                                                 #   (seed 0) and the ablation on convlstm: about
+                                                 #   3 hours on 2 quiet cores
     python benchmarks/run_all.py --from runs/bench/*.jsonl   # tables from saved results only
 
 Each part runs its own script (``benchmarks/overhead.py``, ``benchmarks/beamvq_gain.py``) in a
@@ -47,13 +49,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.skip_overhead:
         failed += part("Overhead", [str(HERE / "overhead.py")])
     if args.full:
-        failed += part("BeamVQ gain, full protocol",
-                       [gain, "--results", str(out / "gain_full.jsonl")])  # fmt: skip
+        results = str(out / "gain_full.jsonl")
+        failed += part("BeamVQ gain, full protocol", [gain, "--results", results])
+        failed += part("Bottleneck without search (vq arm), seed 0",
+                       [gain, "--arms", "vq", "--seeds", "0", "--results", results])  # fmt: skip
         failed += part(
-            "BeamVQ ablation (fno, Navier-Stokes)",
-            [gain, "--ablation", "--backbones", "fno", "--datasets", "ns", "--seeds", "0",
+            "The papers' bottleneck (quantized forecast path, commitment 0.25), seed 0",
+            [gain, "--seeds", "0", "--vq-path", "quantized", "--commitment", "0.25",
+             "--results", results],
+        )  # fmt: skip
+        failed += part(
+            "BeamVQ ablation (convlstm, Navier-Stokes)",
+            [gain, "--ablation", "--backbones", "convlstm", "--datasets", "ns", "--seeds", "0",
              "--arms", "base,vq,beamvq", "--results", str(out / "ablation_full.jsonl")],
         )  # fmt: skip
+        failed += part("All gain tables", [gain, "--report", results])
     else:
         failed += part("BeamVQ gain, --quick",
                        [gain, "--quick", "--results", str(out / "gain_quick.jsonl")])  # fmt: skip

@@ -44,11 +44,12 @@ def test_rel_change_and_label() -> None:
     assert p.label(p) == "default"
 
 
-def _row(arm: str, seed: int, mse: float) -> dict:
+def _row(arm: str, seed: int, mse: float, vq_path: str = "continuous") -> dict:
     ev = {"mse": mse, "rel_l2": mse, "mse_lead": [mse, mse], "rel_l2_lead": [mse, mse],
           "spectrum_err": 1.0, "div": 0.1}  # fmt: skip
+    protocol = {**gain.asdict(gain.Protocol()), "vq_path": vq_path}
     return {"backbone": "fno", "dataset": "ns", "arm": arm, "seed": seed, "train_seconds": 1.0,
-            "test": ev, "val": ev, "augment": []}  # fmt: skip
+            "test": ev, "val": ev, "augment": [], "protocol": protocol}  # fmt: skip
 
 
 def test_report_averages_seeds_and_relative_change() -> None:
@@ -61,6 +62,31 @@ def test_report_averages_seeds_and_relative_change() -> None:
     text = gain.report(rows)
     assert "| fno | 0,1 | 2.000 ± 1.414 | 1.000 ± 0.000 | -50.0% |" in text
     assert "mse beamvq: -50.0% (over 1 backbones)" in text
+
+
+def test_report_sets_the_papers_bottleneck_apart_and_counts_a_shared_base_once() -> None:
+    rows = [
+        _row("base", 0, 1.0),
+        _row("beamvq", 0, 0.5),
+        # a second results file: the papers' bottleneck, with the same base training again
+        _row("base", 0, 1.0, vq_path="quantized"),
+        _row("beamvq", 0, 4.0, vq_path="quantized"),
+    ]
+    text = gain.report(rows)
+    assert "| MSE base | MSE beamvq-paper | MSE beamvq | Δ beamvq-paper | Δ beamvq |" in text
+    assert "| fno | 0 | 1.000 | 4.000 | 0.500 | +300.0% | -50.0% |" in text  # no ± : one base
+    assert "max 1.0 s (3 runs)" in text  # the base training once
+
+
+def test_ablation_settings_are_distinct() -> None:
+    settings = gain.ablation_settings(gain.Protocol())
+    protocols = [q for _, q in settings]
+    assert len(set(map(str, protocols))) == len(protocols)
+    labels = dict(settings)
+    assert labels["default"] == gain.Protocol()
+    paper = labels["papers' bottleneck (quantized, commitment 0.25)"]
+    assert (paper.vq_path, paper.commitment_weight) == ("quantized", 0.25)
+    assert "continuous path (proposed)" not in labels  # the default already is
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3])
