@@ -447,3 +447,20 @@ def test_configs_run_beamvq_from_the_cli(
             ["test", "--config", str(cfg), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")]
         )
         assert "test/crps" in test.trainer.callback_metrics
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml", "beamvq/ns.yaml", "beamvq/storm.yaml"])
+def test_configs_use_the_continuous_bottleneck_and_the_paper_fragment_restores_the_papers(
+    name: str, capsys: pytest.CaptureFixture
+) -> None:
+    def bottleneck(*extra: str) -> dict:
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", str(ROOT / "configs" / name), *extra, "--print_config"])
+        return yaml.safe_load(capsys.readouterr().out)["model"]["bottleneck"]["init_args"]
+
+    ours = bottleneck()
+    assert (ours["forecast_path"], ours["commitment_weight"]) == ("continuous", 0.02)
+    paper = bottleneck("--config", str(ROOT / "configs/beamvq/paper_bottleneck.yaml"))
+    assert (paper["forecast_path"], paper["commitment_weight"]) == ("quantized", 0.25)
+    assert paper["codebook_size"] == ours["codebook_size"] == 512  # the rest is kept
+    assert paper["decay"] == ours["decay"] == 0.99
