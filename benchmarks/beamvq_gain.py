@@ -555,6 +555,60 @@ def report(rows: list[dict], split: str = "test") -> str:
     return "\n".join(out)
 
 
+# the headline metrics of the summary: (dataset, key, title, higher is better)
+SUMMARY_METRICS = (
+    ("ns", "mse", "ns MSE", False),
+    ("ns", "mse_lead.-1", "ns MSE last lead", False),
+    ("storm", "csi_m", "storm CSI-M", True),
+    ("storm", "mse", "storm MSE", False),
+)
+
+
+def summary(rows: list[dict], split: str = "test") -> str:
+    """One line per backbone: the relative change of each arm against base on the headline
+    metrics, with the number of seeds in which the arm did better than base (paired by seed)."""
+    groups = grouped(rows)
+    arms = [a for a in REPORT_ARMS[1:] if any(k[3] == a for k in groups)]
+    metrics_ = [m for m in SUMMARY_METRICS if any(k[0] == m[0] for k in groups)]
+    header = ["backbone"] + [f"{title} Δ {arm}" for _, _, title, _ in metrics_ for arm in arms]
+    table = []
+    means: dict[str, list[float]] = {}
+    for bb in REGISTRY:
+        line, any_value = [bb], False
+        for ds, key, title, higher in metrics_:
+            base = {
+                r["seed"]: pick(r, key, split) for r in groups.get((ds, bb, "default", "base"), [])
+            }
+            for arm in arms:
+                runs = {
+                    r["seed"]: pick(r, key, split) for r in groups.get((ds, bb, "default", arm), [])
+                }
+                seeds = sorted(set(base) & set(runs))
+                if not seeds:
+                    line.append("-")
+                    continue
+                any_value = True
+                b = statistics.fmean(base[s_] for s_ in seeds)
+                a = statistics.fmean(runs[s_] for s_ in seeds)
+                change = (a - b) / abs(b) if b else float("nan")
+                wins = sum((runs[s_] > base[s_]) == higher and runs[s_] != base[s_] for s_ in seeds)
+                line.append(f"{100 * change:+.1f}% ({wins}/{len(seeds)})")
+                means.setdefault(f"{title} Δ {arm}", []).append(change)
+        if any_value:
+            table.append(line)
+    avg = ["mean"] + [
+        f"{100 * statistics.fmean(means[h]):+.1f}%" if means.get(h) else "-" for h in header[1:]
+    ]
+    med = ["median"] + [
+        f"{100 * statistics.median(means[h]):+.1f}%" if means.get(h) else "-" for h in header[1:]
+    ]
+    note = (
+        "Relative change of the arm's mean against base's over the seeds both ran; in brackets the"
+        " seeds in which the arm beat base (lower MSE, higher CSI)."
+    )
+    return f"### Summary ({split} set)\n\n{note}\n\n" + markdown(header, [*table, avg, med])
+
+
 def ablation_report(rows: list[dict]) -> str:
     """One row per ablation setting: val and test MSE (and CSI-M) vs the base arm."""
     out = []
@@ -687,6 +741,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             r for r in rows if r.get("label", "default") == "default" and not r.get("ablation")
         ]
         if main_rows:
+            print(summary(main_rows, args.split) + "\n")
             print(report(main_rows, args.split))
         abl = [r for r in rows if r.get("ablation")]
         if abl:

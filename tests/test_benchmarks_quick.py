@@ -76,6 +76,9 @@ def test_report_sets_the_papers_bottleneck_apart_and_counts_a_shared_base_once()
     assert "| MSE base | MSE beamvq-paper | MSE beamvq | Δ beamvq-paper | Δ beamvq |" in text
     assert "| fno | 0 | 1.000 | 4.000 | 0.500 | +300.0% | -50.0% |" in text  # no ± : one base
     assert "max 1.0 s (3 runs)" in text  # the base training once
+    short = gain.summary([*rows, _row("base", 1, 2.0), _row("beamvq", 1, 2.5)])
+    # seeds both arms ran: paper 0 -> (4 - 1) / 1; ours 0, 1 -> (1.5 - 1.5) / 1.5, better in 1 of 2
+    assert "| fno | +300.0% (0/1) | +0.0% (1/2) |" in short
 
 
 def test_ablation_settings_are_distinct() -> None:
