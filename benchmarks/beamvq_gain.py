@@ -210,7 +210,8 @@ def make_scorer(dataset: str, p: Protocol) -> metrics.Scorer:
     if name == "csi":
         return metrics.CSIScorer(list(THRESHOLDS))
     if name == "ssim":
-        return metrics.SSIMScorer()
+        # the data's range: VIL 0-255; the ns files' vorticity spans about -1.84 .. 1.84
+        return metrics.SSIMScorer(data_range=255.0 if dataset == "storm" else 3.7)
     if name == "negmse+spectrum":
         return metrics.WeightedScorer(
             [metrics.NegMSEScorer(), metrics.SpectrumScorer(from_vorticity=dataset == "ns")],

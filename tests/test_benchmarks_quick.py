@@ -108,3 +108,14 @@ def test_looped_search_equals_batched(steps: int) -> None:
     b = overhead.looped_beam_search(step_fn, x, scorer, steps, 3, 2, ref, lambda t: t)
     assert torch.allclose(a.trajectories, b.trajectories)
     assert torch.allclose(a.scores, b.scores)
+
+
+@pytest.mark.parametrize("dataset", ["ns", "storm"])
+def test_every_scorer_setting_builds(dataset: str) -> None:
+    for name in ("default", "negmse", "csi", "ssim", "negmse+spectrum"):
+        scorer = gain.make_scorer(dataset, replace(gain.Protocol(), scorer=name))
+        y = torch.rand(2, 3, 1, 16, 16) * (255 if dataset == "storm" else 1)
+        if hasattr(scorer, "fit"):  # the callback fits physics scorers on training targets
+            scorer.fit(y)
+        scores = scorer(y.unsqueeze(1).expand(2, 2, 3, 1, 16, 16), y, inputs=y)
+        assert scores.shape == (2, 2) and bool(torch.isfinite(scores).all()), name
