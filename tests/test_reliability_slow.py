@@ -26,6 +26,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 FAULT_ENV = "BEAMVQ_TEST_FAULT"
+DISTRIBUTED_ENV = (
+    "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_JOB_NAME",
+)  # fmt: skip
 GENERATOR = "--data.init_args.generator.init_args."
 
 
@@ -159,6 +163,10 @@ def beamvq(cwd: Path, args: list[str], fault: str | None = None, timeout: float 
         OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1",
     )  # fmt: skip
     env.pop(FAULT_ENV, None)
+    # a distributed launch's variables (LOCAL_RANK above all) would make rank 0 believe an
+    # external launcher started the ranks: it would wait for a rank 1 that nobody starts
+    for name in DISTRIBUTED_ENV:
+        env.pop(name, None)
     if fault:
         env[FAULT_ENV] = fault
     # its own process group, so that a hang kills every rank (DDP launches rank 1 as a child)
