@@ -118,6 +118,7 @@ class BeamVQCLI(LightningCLI):
         chosen = plugins if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in chosen):
             use_atomic_checkpoints(trainer)
+        check_launch_environment(trainer)
         gloo_over_loopback(trainer)
         return trainer
 
@@ -170,6 +171,33 @@ def use_atomic_checkpoints(trainer: pl.Trainer) -> None:
     strategy = trainer.strategy
     if type(strategy.checkpoint_io) is TorchCheckpointIO:
         strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+# what Lightning's own launcher writes into os.environ of rank 0 (and leaves there after fit)
+LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def check_launch_environment(trainer: pl.Trainer) -> None:
+    """Stop a multi-process run whose other ranks nobody would start.
+
+    With ``LOCAL_RANK`` in the environment Lightning assumes an external launcher (torchrun, a
+    scheduler) starts every rank, and rank 0 waits for the others in ``init_process_group``. Such
+    launchers also set ``WORLD_SIZE``; ``LOCAL_RANK`` without it is a leftover (Lightning's own
+    launcher sets ``LOCAL_RANK`` in its process and only removes ``WORLD_SIZE`` at teardown), and
+    the run would wait for 30 minutes and fail without a word.
+    """
+    strategy = trainer.strategy
+    if not isinstance(strategy, ParallelStrategy):
+        return
+    n = trainer.num_nodes * len(strategy.parallel_devices or [])
+    if n > 1 and "LOCAL_RANK" in os.environ and "WORLD_SIZE" not in os.environ:
+        raise ValueError(
+            f"LOCAL_RANK={os.environ['LOCAL_RANK']} is set in the environment but WORLD_SIZE is "
+            f"not: Lightning would take this {n}-process run as started by an external launcher "
+            "and wait forever for ranks that nobody starts. Unset LOCAL_RANK (and NODE_RANK, "
+            "MASTER_ADDR, MASTER_PORT, left over from an earlier run in this process or shell), "
+            "or start the run with torchrun."
+        )
 
 
 def loopback_interface() -> str | None:
@@ -257,17 +285,27 @@ def main(args: list[str] | None = None) -> BeamVQCLI:
     """Run the CLI and return it (``python -m beamvq``, tests, ``beamvq.summary``)."""
     os.environ.setdefault("WANDB_MODE", "offline")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cli = BeamVQCLI(
-        ForecastModule,
-        pl.LightningDataModule,
-        subclass_mode_model=False,
-        subclass_mode_data=True,
-        save_config_callback=LoggedSaveConfig,
-        save_config_kwargs={"overwrite": True},
-        seed_everything_default=0,
-        args=args,
-    )
-    _finish_loggers(cli.trainer)
+    # Lightning's launcher leaves its rank-0 variables in os.environ; a second run in this
+    # process (tests, notebooks, beamvq.summary) must start from the environment it was given
+    launch_env = {name: os.environ.get(name) for name in LAUNCH_ENV}
+    try:
+        cli = BeamVQCLI(
+            ForecastModule,
+            pl.LightningDataModule,
+            subclass_mode_model=False,
+            subclass_mode_data=True,
+            save_config_callback=LoggedSaveConfig,
+            save_config_kwargs={"overwrite": True},
+            seed_everything_default=0,
+            args=args,
+        )
+        _finish_loggers(cli.trainer)
+    finally:
+        for name, value in launch_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return cli
 
 

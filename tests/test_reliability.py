@@ -630,3 +630,45 @@ def test_one_node_cpu_ddp_connects_gloo_over_the_loopback(monkeypatch: pytest.Mo
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth7")
     gloo_over_loopback(_cpu_trainer(devices=2, strategy="ddp"))
     assert os.environ["GLOO_SOCKET_IFNAME"] == "eth7"  # the user's choice is kept
+
+
+def test_a_leftover_local_rank_is_named_instead_of_hanging(monkeypatch: pytest.MonkeyPatch) -> None:
+    from beamvq.cli import check_launch_environment
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "x")
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(ValueError, match="LOCAL_RANK=0 is set .* but WORLD_SIZE is not"):
+        check_launch_environment(_cpu_trainer(devices=2, strategy="ddp"))
+    check_launch_environment(_cpu_trainer(devices=1))  # one process: nothing to wait for
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's environment
+    check_launch_environment(_cpu_trainer(devices=2, strategy="ddp"))
+
+
+def test_the_cli_leaves_no_launch_variables_behind(tmp_path: Path) -> None:
+    """An in-process DDP run (one device) sets Lightning's rank-0 variables; main() removes them,
+    so a second run in the same process is not mistaken for an externally launched rank."""
+    import yaml
+
+    from beamvq.cli import LAUNCH_ENV
+
+    assert not any(name in os.environ for name in LAUNCH_ENV)
+    cfg = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    cfg["trainer"].update(logger=False, callbacks=[], default_root_dir=str(tmp_path))
+    cfg["data"]["init_args"].update(path=str(tmp_path / "ns.nc"))
+    cfg["data"]["init_args"]["generator"]["init_args"].update(
+        n_trajectories=4, resolution=16, n_frames=11
+    )
+    cfg["model"]["backbone"]["init_args"].update(hid_s=4, hid_t=8, n_s=2, n_t=1)
+    cfg["model"]["bottleneck"]["init_args"]["codebook_size"] = 8
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    main(["fit", "--config", str(path), "--trainer.max_epochs", "1",
+          "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+          "--trainer.strategy", "ddp", "--trainer.devices", "1",
+          "--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false"])  # fmt: skip
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    assert not any(name in os.environ for name in LAUNCH_ENV), {
+        n: os.environ[n] for n in LAUNCH_ENV if n in os.environ
+    }
