@@ -613,10 +613,19 @@ def summary(rows: list[dict], split: str = "test") -> str:
 def ablation_report(rows: list[dict]) -> str:
     """One row per ablation setting: val and test MSE (and CSI-M) vs the base arm."""
     out = []
-    for ds in DATASETS:
-        rs = [r for r in rows if r["dataset"] == ds]
+    pairs = [(ds, bb) for ds in DATASETS for bb in REGISTRY]
+    for ds, bb in pairs:
+        rs = [r for r in rows if r["dataset"] == ds and r["backbone"] == bb]
         if not rs:
             continue
+        default = next((r for r in rs if r.get("label") == "default" and r["arm"] != "base"), None)
+        bottleneck = ""
+        if default is not None:
+            q = default["protocol"]
+            bottleneck = (
+                f", bottleneck: forecast path {q.get('vq_path', 'quantized')}, "
+                f"commitment {q.get('commitment_weight', 0.25)}"
+            )
         base = [r for r in rs if r["arm"] == "base"]
         labels = list(dict.fromkeys(r["label"] for r in rs if r["arm"] != "base"))
         header = ["setting", "arm", "val MSE", "Δ val", "test MSE", "Δ test"]
@@ -647,9 +656,8 @@ def ablation_report(rows: list[dict]) -> str:
                 line += [f"{acc}/{sea}" if sea else "-",
                          f"{statistics.fmean(r['train_seconds'] for r in sel):.0f}"]  # fmt: skip
                 table.append(line)
-        out.append(
-            f"### Ablation on {rs[0]['backbone']}, {ds} (seeds {sorted({r['seed'] for r in rs})})\n"
-        )
+        seeds = sorted({r["seed"] for r in rs})
+        out.append(f"### Ablation on {bb}, {ds} (seeds {seeds}{bottleneck})\n")
         out.append(markdown(header, table))
     return "\n\n".join(out)
 
