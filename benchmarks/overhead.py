@@ -176,7 +176,11 @@ def looped_beam_search(
     return search.BeamResult(traj, sums / rollout_steps, empty, empty)
 
 
-def batched_vs_looped(name: str, p: Protocol, data_dir: Path, n: int, repeats: int) -> tuple:
+def batched_vs_looped(
+    name: str, p: Protocol, data_dir: Path, n: int, repeats: int, chunk: int
+) -> tuple[float, float, float, bool]:
+    """Median seconds of one search of ``n`` inputs: batched in one call, batched ``chunk``
+    inputs per call (the callback's ``search_batch_size``), and looped over beams."""
     dm, module = prepared(name, p, data_dir)
     # one training step initializes the code bank (k-means) so the K candidates differ
     _, x, y = dm.training_windows(max_windows=n, seed=0)
@@ -185,7 +189,7 @@ def batched_vs_looped(name: str, p: Protocol, data_dir: Path, n: int, repeats: i
     module.eval()
     xn = module.normalize(x)
     step_fn, scorer = module.search_step_fn(), metrics.NegMSEScorer()
-    times: dict[str, list[float]] = {"batched": [], "looped": []}
+    times: dict[str, list[float]] = {"batched": [], "chunked": [], "looped": []}
     with torch.no_grad():
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -198,12 +202,25 @@ def batched_vs_looped(name: str, p: Protocol, data_dir: Path, n: int, repeats: i
                 step_fn, xn, scorer, p.rollout_steps, 4, 2, y, module.denormalize
             )
             t2 = time.perf_counter()
+            parts = [
+                search.beam_search(
+                    step_fn, xc, scorer, p.rollout_steps, 4, 2, reference=yc,
+                    to_physical=module.denormalize,
+                )
+                for xc, yc in zip(xn.split(chunk), y.split(chunk))
+            ]  # fmt: skip
+            t3 = time.perf_counter()
             times["batched"].append(t1 - t0)
             times["looped"].append(t2 - t1)
-    same = torch.allclose(a.trajectories, b.trajectories, atol=1e-4) and torch.allclose(
-        a.scores, b.scores, rtol=1e-4, atol=1e-6
+            times["chunked"].append(t3 - t2)
+    c = torch.cat([r.trajectories for r in parts])
+    same = (
+        torch.allclose(a.trajectories, b.trajectories, atol=1e-4)
+        and torch.allclose(a.scores, b.scores, rtol=1e-4, atol=1e-6)
+        and torch.allclose(a.trajectories, c, atol=1e-4)
     )
-    return statistics.median(times["batched"]), statistics.median(times["looped"]), same
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return med["batched"], med["chunked"], med["looped"], same
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -213,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--search-inputs", type=int, default=16)
+    parser.add_argument("--search-chunk", type=int, default=4, help="inputs per call, chunked")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-dir", default=str(ROOT / "data" / "bench"))
     args = parser.parse_args(argv)
@@ -229,7 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         bare.append(bare_throughput(args.backbone, p, data_dir, args.batches, args.warmup))
     lm, bm = statistics.median(light), statistics.median(bare)
     s_sec, e_sec, n_win = search_vs_epoch(args.backbone, p, data_dir)
-    tb, tl, same = batched_vs_looped(args.backbone, p, data_dir, args.search_inputs, args.rounds)
+    tb, tc, tl, same = batched_vs_looped(
+        args.backbone, p, data_dir, args.search_inputs, args.rounds, args.search_chunk
+    )
     print(
         f"## Overhead ({args.backbone} + VQ, Navier-Stokes 32x32, 10 -> 2x5, batch {p.batch_size})\n"
     )
@@ -243,8 +263,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"| one training epoch ({n_win} windows), s | {e_sec:.1f} |")
     print(f"| augmentation / epoch | {s_sec / e_sec:.3f} |")
     print(f"| beam search of {args.search_inputs} inputs, batched, s | {tb:.2f} |")
+    print(f"| same search, batched {args.search_chunk} inputs per call, s | {tc:.2f} |")
     print(f"| same search, Python loop over beams, s | {tl:.2f} |")
     print(f"| looped / batched | {tl / tb:.2f}x (results equal: {same}) |")
+    print(f"| looped / batched in chunks of {args.search_chunk} | {tl / tc:.2f}x |")
     print(
         f"\n{args.threads} torch thread(s), load average at the end {os.getloadavg()[0]:.1f} "
         f"on {os.cpu_count()} CPU(s), torch {torch.__version__}."
