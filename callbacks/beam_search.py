@@ -188,7 +188,10 @@ class BeamSearchAugmentation(pl.Callback):
         unlabelled_scorer: reference-free scorer for those; ``None`` uses ``scorer``, which must
             then be reference-free.
         fit_windows: training windows whose targets fit the scorers (``None``: all).
-        search_batch_size: inputs searched at once (memory: × beams × K forecasts).
+        search_batch_size: inputs searched in one call (memory: × beams × K forecasts).
+            ``None``: 4 on CPU, 32 on an accelerator. On one CPU thread 16 inputs per call
+            took 1.6× as long as 4 (the folded activations leave the caches; ``python
+            benchmarks/overhead.py``, docs/results.md §3); on a GPU larger calls should win.
         seed: seed of the per-epoch window subsets.
         pool_output: NetCDF path where rank 0 writes the pool after each search (``None``: off).
     """
@@ -210,7 +213,7 @@ class BeamSearchAugmentation(pl.Callback):
         unlabelled_windows: int = 0,
         unlabelled_scorer: Scorer | None = None,
         fit_windows: int | None = 256,
-        search_batch_size: int = 16,
+        search_batch_size: int | None = None,
         seed: int = 0,
         pool_output: str | None = None,
     ) -> None:
@@ -219,7 +222,6 @@ class BeamSearchAugmentation(pl.Callback):
             ("every_n_epochs", every_n_epochs),
             ("beam_width", beam_width),
             ("top_k", top_k),
-            ("search_batch_size", search_batch_size),
         ):
             if int(value) < 1:
                 raise ValueError(f"BeamSearchAugmentation: {name} must be >= 1, got {value}")
@@ -227,6 +229,7 @@ class BeamSearchAugmentation(pl.Callback):
             ("max_windows", max_windows),
             ("candidate_k", candidate_k),
             ("fit_windows", fit_windows),
+            ("search_batch_size", search_batch_size),
         ):
             if value is not None and int(value) < 1:
                 raise ValueError(
@@ -267,7 +270,7 @@ class BeamSearchAugmentation(pl.Callback):
         self.margin = float(margin)
         self.unlabelled_windows = int(unlabelled_windows)
         self.fit_windows = None if fit_windows is None else int(fit_windows)
-        self.search_batch_size = int(search_batch_size)
+        self.search_batch_size = None if search_batch_size is None else int(search_batch_size)
         self.seed = int(seed)
         self.pool_output = pool_output
         self.history: list[EpochRecord] = []
@@ -466,6 +469,12 @@ class BeamSearchAugmentation(pl.Callback):
             return torch.empty(0)
         return dm.future_free_inputs(self.unlabelled_windows, seed=[self.seed, epoch, 1])
 
+    def inputs_per_call(self, device: torch.device) -> int:
+        """``search_batch_size``, or its default for ``device``: 4 on CPU, 32 elsewhere."""
+        if self.search_batch_size is not None:
+            return self.search_batch_size
+        return 4 if torch.device(device).type == "cpu" else 32
+
     def search(
         self, pl_module: pl.LightningModule, x: Tensor, y: Tensor | None, scorer: Scorer
     ) -> SearchOutput:
@@ -476,12 +485,16 @@ class BeamSearchAugmentation(pl.Callback):
         step_fn: Callable[[Tensor], Tensor] = pl_module.search_step_fn(self._k(pl_module))
         steps = int(pl_module.rollout_steps)
         outs = []
-        n_batches = math.ceil(x.shape[0] / self.search_batch_size)
+        chunk = self.inputs_per_call(pl_module.device)
+        n_batches = math.ceil(x.shape[0] / chunk)
         with search_progress(
             pl_module._trainer, n_batches, f"beam search: {x.shape[0]} inputs"
         ) as advance:
-            for i in range(0, x.shape[0], self.search_batch_size):
-                outs.append(self._search_batch(pl_module, step_fn, scorer, x, y, i, steps))
+            for i in range(0, x.shape[0], chunk):
+                outs.append(
+                    self._search_batch(pl_module, step_fn, scorer, x[i : i + chunk],
+                                       None if y is None else y[i : i + chunk], steps)
+                )  # fmt: skip
                 advance(1)
         if not outs:
             raise ValueError("BeamSearchAugmentation.search: no inputs")
@@ -493,14 +506,12 @@ class BeamSearchAugmentation(pl.Callback):
         step_fn: Callable,
         scorer: Scorer,
         x: Tensor,
-        y: Tensor | None,
-        i: int,
+        ref: Tensor | None,
         steps: int,
     ) -> SearchOutput:
-        """Search, ensemble and filter the inputs ``x[i : i + search_batch_size]``."""
+        """Search, ensemble and filter one call's physical inputs ``x`` (targets ``ref``)."""
         to_phys = pl_module.denormalize
-        xb = pl_module.normalize(x[i : i + self.search_batch_size])
-        ref = None if y is None else y[i : i + self.search_batch_size]
+        xb = pl_module.normalize(x)
         res = search.beam_search(
             step_fn, xb, scorer, steps, self.beam_width, self.top_k,
             reference=ref, to_physical=to_phys, accumulate=self.accumulate,

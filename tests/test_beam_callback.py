@@ -464,3 +464,12 @@ def test_configs_use_the_continuous_bottleneck_and_the_paper_fragment_restores_t
     assert (paper["forecast_path"], paper["commitment_weight"]) == ("quantized", 0.25)
     assert paper["codebook_size"] == ours["codebook_size"] == 512  # the rest is kept
     assert paper["decay"] == ours["decay"] == 0.99
+
+
+def test_inputs_per_search_call_default_to_the_device() -> None:
+    cb = BeamSearchAugmentation(NegMSEScorer())
+    assert cb.inputs_per_call(torch.device("cpu")) == 4  # measured fastest on one CPU thread
+    assert cb.inputs_per_call(torch.device("cuda")) == 32
+    assert BeamSearchAugmentation(NegMSEScorer(), search_batch_size=7).inputs_per_call("cpu") == 7
+    with pytest.raises(ValueError, match="search_batch_size must be >= 1"):
+        BeamSearchAugmentation(NegMSEScorer(), search_batch_size=0)
