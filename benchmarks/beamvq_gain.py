@@ -514,18 +514,25 @@ def report(rows: list[dict], split: str = "test") -> str:
             seeds = sorted({r["seed"] for rs in runs.values() for r in rs})
             line = [bb, ",".join(map(str, seeds))]
             for _, key in keys:
-                vals = {a: [pick(r, key, split) for r in rs] for a, rs in runs.items()}
+                vals = {a: {r["seed"]: pick(r, key, split) for r in rs} for a, rs in runs.items()}
                 for arm in arms:
-                    line.append(mean_std(vals[arm]))
+                    line.append(mean_std(list(vals[arm].values())))
                 for arm in arms:
                     if arm != "base" and "base" in arms:
-                        line.append(rel_change(vals[arm], vals["base"]))
-                        if vals[arm] and vals["base"]:
-                            ma, mb = statistics.fmean(vals["base"]), statistics.fmean(vals[arm])
+                        # paired: against base on the seeds this arm ran
+                        common = sorted(set(vals[arm]) & set(vals["base"]))
+                        a_ = [vals[arm][s_] for s_ in common]
+                        b_ = [vals["base"][s_] for s_ in common]
+                        line.append(rel_change(a_, b_))
+                        if common:
+                            ma, mb = statistics.fmean(b_), statistics.fmean(a_)
                             if ma:
                                 changes.setdefault((key, arm), []).append((mb - ma) / abs(ma))
             table.append(line)
-        out.append(f"### {ds}: {split} set, mean ± std over seeds\n")
+        out.append(
+            f"### {ds}: {split} set, mean ± std over seeds (changes: against base on the same "
+            "seeds)\n"
+        )
         out.append(markdown(header, table))
         if changes:
             avg = [
