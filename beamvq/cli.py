@@ -173,8 +173,11 @@ def use_atomic_checkpoints(trainer: pl.Trainer) -> None:
         strategy.checkpoint_io = AtomicCheckpointIO()
 
 
-# what Lightning's own launcher writes into os.environ of rank 0 (and leaves there after fit)
-LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+# what Lightning's own launcher writes into os.environ of rank 0 (and leaves there after fit),
+# and what gloo_over_loopback sets: main() restores them after each run
+LAUNCH_ENV = (
+    "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GLOO_SOCKET_IFNAME",
+)  # fmt: skip
 
 
 def check_launch_environment(trainer: pl.Trainer) -> None:
