@@ -4,9 +4,9 @@ The claims under test (BeamVQ, arXiv 2405.17051 and 2502.18925; ../shared/PAPERS
 by up to 39 %, and more than 32 % average skill gain over ten backbones, largest at long leads,
 in the data-scarce regime. This script measures it on a laptop CPU, on two generated datasets:
 
-- **ns**: 2-D Navier-Stokes vorticity (FNO recipe, nu = 1e-3, ``datamodules.synthetic``), 32x32
+- **ns**: 2-D Navier-Stokes vorticity (FNO recipe, nu = 1e-3, ``beamvq.datamodules.synthetic``), 32x32
   (or ``--resolution``);
-- **storm**: moving storm cells on the SEVIR VIL scale 0-255 (``datamodules.storm``), same grid.
+- **storm**: moving storm cells on the SEVIR VIL scale 0-255 (``beamvq.datamodules.storm``), same grid.
 
 Protocol (every number is a flag; the defaults are the documented protocol, docs/results.md):
 
@@ -75,6 +75,10 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import yaml
+from beamvq.callbacks.beam_search import BeamSearchAugmentation
+from beamvq.datamodules.netcdf import NetCDFDataModule
+from beamvq.datamodules.storm import StormGenerator
+from beamvq.datamodules.synthetic import NavierStokesGenerator
 from jsonargparse import ArgumentParser
 from torch import Tensor
 
@@ -83,10 +87,6 @@ from beamvq.backbones import REGISTRY
 from beamvq.backbones.base import Backbone
 from beamvq.bottleneck import VQBottleneck
 from beamvq.module import ForecastModule
-from callbacks.beam_search import BeamSearchAugmentation
-from datamodules.netcdf import NetCDFDataModule
-from datamodules.storm import StormGenerator
-from datamodules.synthetic import NavierStokesGenerator
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs" / "backbones"

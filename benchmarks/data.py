@@ -1,10 +1,10 @@
 """Windows per second through the DataLoader: in-memory, memory-mapped cache, naive xarray.
 
-Three ways to serve the same training windows (``datamodules.netcdf``):
+Three ways to serve the same training windows (``beamvq.datamodules.netcdf``):
 
 (a) in memory: the files read once into a float32 ``(sample, time, channel, y, x)`` array;
     an item is two numpy slices;
-(b) the memory-mapped ``.npy`` cache (``datamodules.cache``) used above ``cache_above_mb``;
+(b) the memory-mapped ``.npy`` cache (``beamvq.datamodules.cache``) used above ``cache_above_mb``;
     an item is two slices of the map, copied out of the page cache;
 (c) naive: a Dataset that keeps the NetCDF file open and calls ``xarray`` ``isel`` per item and
     per variable/level (decoding int16 packing and zlib chunks every time), as much research
@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import xarray as xr
+from beamvq.datamodules.era5 import write_era5_like
+from beamvq.datamodules.netcdf import NetCDFDataModule, Sample, collate_windows
+from beamvq.datamodules.synthetic import write_navier_stokes
 from torch.utils.data import DataLoader, Dataset
 
 from beamvq.backbones.simvp import SimVPv2
-from datamodules.era5 import write_era5_like
-from datamodules.netcdf import NetCDFDataModule, Sample, collate_windows
-from datamodules.synthetic import write_navier_stokes
 
 
 class NaiveXarrayDataset(Dataset):

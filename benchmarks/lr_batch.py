@@ -5,7 +5,7 @@ learning rate at any batch size from one tuned pair ``(B0, lr0)`` and the noise 
 ``lr(B) = lr_max / (1/2 (sqrt(B_noise / B) + sqrt(B / B_noise)))``. This script checks it on the
 quickstart problem at toy size:
 
-- data: 2-D Navier–Stokes vorticity (``datamodules.netcdf.NetCDFDataModule`` + ``NavierStokesGenerator``: 24
+- data: 2-D Navier–Stokes vorticity (``beamvq.datamodules.netcdf.NetCDFDataModule`` + ``NavierStokesGenerator``: 24
   trajectories of 20 frames at ``--resolution``², generated once into ``--data``), 5 frames in,
   5 out;
 - model: ``beamvq.module.ForecastModule`` with a small U-Net (base width 8, depth 2), no VQ
@@ -46,12 +46,12 @@ from typing import NamedTuple
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from beamvq.datamodules.netcdf import NetCDFDataModule
+from beamvq.datamodules.synthetic import NavierStokesGenerator
 
 from beamvq.backbones.unet import UNet
 from beamvq.module import ForecastModule
 from beamvq.tuning import NoiseScaleMonitor, lr_for_batch
-from datamodules.netcdf import NetCDFDataModule
-from datamodules.synthetic import NavierStokesGenerator
 
 
 class RunResult(NamedTuple):
@@ -140,7 +140,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
-    logging.getLogger("datamodules").setLevel(logging.WARNING)
+    logging.getLogger("beamvq.datamodules").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*isinstance.treespec, LeafSpec.*")
     warnings.filterwarnings("ignore", ".*is an instance of `nn.Module` and is already saved.*")

@@ -53,6 +53,7 @@ from typing import Any, NamedTuple
 
 import pytorch_lightning as pl
 import torch
+from beamvq.datamodules.io import write_netcdf
 from einops import rearrange
 from pytorch_lightning.callbacks import RichProgressBar
 from pytorch_lightning.utilities import rank_zero_info
@@ -60,7 +61,6 @@ from torch import Tensor
 
 from beamvq import search
 from beamvq.metrics import Scorer
-from datamodules.io import write_netcdf
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ class BeamSearchAugmentation(pl.Callback):
         if dm is None or missing:
             raise TypeError(
                 "BeamSearchAugmentation needs a datamodule with the augmented-pool API "
-                f"(datamodules.netcdf.NetCDFDataModule); {type(dm).__name__} lacks {missing}"
+                f"(beamvq.datamodules.netcdf.NetCDFDataModule); {type(dm).__name__} lacks {missing}"
             )
         for name in ("search_step_fn", "normalize", "denormalize", "rollout_steps"):
             if not hasattr(pl_module, name):

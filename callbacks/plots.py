@@ -96,7 +96,7 @@ def save_figure(fig: plt.Figure, path: Path, dpi: int) -> Path:
 
 def field_style(trainer: pl.Trainer, channel: int) -> FieldStyle:
     """Name, units and orientation of ``channel`` from the datamodule's labels, when it has them
-    (``layout().channels``, ``var_attrs``, ``coords`` and ``y_dim`` of ``datamodules.netcdf``:
+    (``layout().channels``, ``var_attrs``, ``coords`` and ``y_dim`` of ``beamvq.datamodules.netcdf``:
     a channel is one variable at one level, e.g. ``z500``, with the attributes of ``z``)."""
     dm = getattr(trainer, "datamodule", None)
     layout = getattr(dm, "layout", None)

@@ -1,6 +1,6 @@
 """Write ``beamvq predict`` forecasts to CF-style NetCDF.
 
-Layout (one file, written under a temporary name and renamed, see ``datamodules.io``):
+Layout (one file, written under a temporary name and renamed, see ``beamvq.datamodules.io``):
 
 * dims ``(sample, lead_time, y, x)`` for each variable; ``sample`` indexes forecast windows, with
   coordinates ``trajectory`` (the input's sample label) and ``init_time`` (time label of the
@@ -25,9 +25,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import xarray as xr
+from beamvq.datamodules.io import write_netcdf
 from pytorch_lightning.callbacks import BasePredictionWriter
-
-from datamodules.io import write_netcdf
 
 log = logging.getLogger(__name__)
 

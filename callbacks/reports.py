@@ -9,7 +9,7 @@
   alternative futures of BeamVQ differ only if many codes are alive (van den Oord et al. 2017,
   arXiv 1711.00937, on code-bank collapse), so the histogram, perplexity and dead codes tell
   whether the candidates can differ at all.
-* ``AugmentationReport``: what ``callbacks.beam_search.BeamSearchAugmentation`` did per epoch
+* ``AugmentationReport``: what ``beamvq.callbacks.beam_search.BeamSearchAugmentation`` did per epoch
   (searched/accepted/added, pool size, score gain) and a few pool pseudo-targets beside the truth
   and the plain forecast of the same input, at the longest lead.
 * ``WandbArtifacts``: checkpoints (end of fit) and the prediction NetCDF (end of predict) as W&B
@@ -33,12 +33,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import BasePredictionWriter
-from pytorch_lightning.loggers import WandbLogger
-from pytorch_lightning.utilities import rank_zero_only
-
-from callbacks.beam_search import BeamSearchAugmentation
-from callbacks.plots import (
+from beamvq.callbacks.beam_search import BeamSearchAugmentation
+from beamvq.callbacks.plots import (
     ERROR_CMAP,
     FieldStyle,
     field_limits,
@@ -50,6 +46,9 @@ from callbacks.plots import (
     wandb_image,
     wandb_loggers,
 )
+from pytorch_lightning.callbacks import BasePredictionWriter
+from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import xarray as xr
-
-from datamodules.io import DataGenerator, write_netcdf
+from beamvq.datamodules.io import DataGenerator, write_netcdf
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +195,7 @@ def generate_era5_like(
         attrs={
             "title": f"ERA5-like toy atmosphere on a {resolution_deg} degree grid ({convention} layout)",
             "source": (
-                f"beamvq datamodules.era5.generate_era5_like(n_times={n_times}, start={start}, "
+                f"beamvq beamvq.datamodules.era5.generate_era5_like(n_times={n_times}, start={start}, "
                 f"step_hours={step_hours}, levels={tuple(levels)}, resolution_deg={resolution_deg}, "
                 f"convention={convention}, seed={seed}); not reanalysis data"
             ),

@@ -19,7 +19,7 @@ Data stay labelled (xarray) until one conversion to a float32 array with the fix
 ``(sample, time, channel, y, x)``. Below ``cache_above_mb`` the array lives in memory: the files
 are read once in ``setup`` (main process) and closed, so no NetCDF handle reaches a DataLoader
 worker and no item opens a file. Above it, a one-time conversion writes a memory-mapped ``.npy``
-cache (``datamodules.cache``) that each worker process opens lazily.
+cache (``beamvq.datamodules.cache``) that each worker process opens lazily.
 
 Windows are ``in_steps + out_steps × rollout_steps`` consecutive frames one ``time_step`` apart:
 a window never bridges a gap in the time axis, never crosses a split boundary and never mixes
@@ -51,11 +51,10 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 import xarray as xr
+from beamvq.datamodules import cache as cache_mod
+from beamvq.datamodules.io import DataGenerator
 from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, default_collate
-
-from datamodules import cache as cache_mod
-from datamodules.io import DataGenerator
 
 log = logging.getLogger(__name__)
 
@@ -565,8 +564,8 @@ class NetCDFDataModule(pl.LightningDataModule):
         pool_policy: which to drop when full: ``"oldest"`` or ``"worst"`` (lowest score).
         pool_weight: loss weight of pool samples relative to real ones.
         seed: seed of the trajectory shuffle before splitting.
-        generator: a built-in dataset (``datamodules.synthetic.NavierStokesGenerator``,
-            ``datamodules.storm.StormGenerator``, ...) that writes ``path`` when it is missing.
+        generator: a built-in dataset (``beamvq.datamodules.synthetic.NavierStokesGenerator``,
+            ``beamvq.datamodules.storm.StormGenerator``, ...) that writes ``path`` when it is missing.
     """
 
     def __init__(

@@ -40,8 +40,7 @@ from typing import NamedTuple
 
 import numpy as np
 import xarray as xr
-
-from datamodules.io import DataGenerator, write_netcdf
+from beamvq.datamodules.io import DataGenerator, write_netcdf
 
 DOMAIN_HALF_WIDTH: float = 2.5
 GRAVITY: float = 1.0
@@ -226,7 +225,7 @@ def generate_shallow_water(
         attrs={
             "title": "2-D shallow-water radial dam break (PDEBench recipe)",
             "source": (
-                f"datamodules.shallow_water.generate_shallow_water(n_trajectories={n_trajectories}, "
+                f"beamvq.datamodules.shallow_water.generate_shallow_water(n_trajectories={n_trajectories}, "
                 f"resolution={resolution}, n_frames={n_frames}, t_end={t_end}, seed={seed}, "
                 f"cfl={cfl}); domain [-{DOMAIN_HALF_WIDTH}, {DOMAIN_HALF_WIDTH}]^2, g={GRAVITY}, "
                 f"h={H_INSIDE} inside radius U{RADIUS_RANGE} else {H_OUTSIDE}, first-order "

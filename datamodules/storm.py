@@ -38,8 +38,7 @@ from typing import NamedTuple
 
 import numpy as np
 import xarray as xr
-
-from datamodules.io import DataGenerator, write_netcdf
+from beamvq.datamodules.io import DataGenerator, write_netcdf
 
 #: SEVIR's frame spacing in minutes.
 FRAME_MINUTES: float = 5.0
@@ -174,7 +173,7 @@ def generate_storm(
         attrs={
             "title": "Synthetic moving storm cells (SEVIR-like VIL)",
             "source": (
-                f"datamodules.storm.generate_storm(n_trajectories={n_trajectories}, "
+                f"beamvq.datamodules.storm.generate_storm(n_trajectories={n_trajectories}, "
                 f"n_frames={n_frames}, height={height}, width={width}, seed={seed}); "
                 f"steering U(-{STEERING_MAX}, {STEERING_MAX}) px/frame, {MIN_CELLS}-{MAX_CELLS} "
                 f"cells, sigma U{SIGMA_RANGE} px, velocity noise N(0, {VELOCITY_NOISE}^2), "

@@ -25,8 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import xarray as xr
-
-from datamodules.io import DataGenerator, write_netcdf
+from beamvq.datamodules.io import DataGenerator, write_netcdf
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +177,7 @@ def generate_navier_stokes(
         attrs={
             "title": "2-D incompressible Navier-Stokes, vorticity form (FNO benchmark recipe)",
             "source": (
-                f"beamvq datamodules.synthetic: viscosity={viscosity}, dt={dt}, "
+                f"beamvq beamvq.datamodules.synthetic: viscosity={viscosity}, dt={dt}, "
                 f"frame_interval={frame_interval}, burn_in={burn_in}, resolution={resolution}, seed={seed}; "
                 "GRF N(0, 7^1.5 (-Lap + 49)^-2.5), forcing 0.1(sin 2pi(x+y) + cos 2pi(x+y)), "
                 "pseudo-spectral with 2/3 de-aliasing, Crank-Nicolson"

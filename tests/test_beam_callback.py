@@ -16,6 +16,9 @@ import pytorch_lightning as pl
 import torch
 import xarray as xr
 import yaml
+from beamvq.callbacks.beam_search import BeamSearchAugmentation, merge_gathered, shard
+from beamvq.datamodules.netcdf import NetCDFDataModule, WindowDataset, future_free_starts
+from beamvq.datamodules.synthetic import NavierStokesGenerator, write_navier_stokes
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
@@ -24,9 +27,6 @@ from beamvq.bottleneck import VQBottleneck
 from beamvq.cli import main
 from beamvq.metrics import NegMSEScorer, SpectrumScorer
 from beamvq.module import ForecastModule
-from callbacks.beam_search import BeamSearchAugmentation, merge_gathered, shard
-from datamodules.netcdf import NetCDFDataModule, WindowDataset, future_free_starts
-from datamodules.synthetic import NavierStokesGenerator, write_navier_stokes
 
 ROOT = Path(__file__).resolve().parents[1]
 T_IN, T_OUT, STEPS, K = 2, 2, 2, 3

@@ -24,11 +24,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from beamvq.callbacks.beam_search import BeamSearchAugmentation
+from beamvq.datamodules.synthetic import write_navier_stokes
 
 from beamvq.backbones import REGISTRY
 from beamvq.cli import main
-from callbacks.beam_search import BeamSearchAugmentation
-from datamodules.synthetic import write_navier_stokes
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"

@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
-
-from datamodules.era5 import generate_era5_like, pack_encoding
-from datamodules.io import write_netcdf
-from datamodules.netcdf import NetCDFDataModule
+from beamvq.datamodules.era5 import generate_era5_like, pack_encoding
+from beamvq.datamodules.io import write_netcdf
+from beamvq.datamodules.netcdf import NetCDFDataModule
 
 SMALL = dict(n_times=24, resolution_deg=22.5, levels=(500.0, 850.0))
 

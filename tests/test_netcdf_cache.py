@@ -5,22 +5,21 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+import beamvq.datamodules.netcdf as netcdf
 import numpy as np
 import pytest
 import torch
 import xarray as xr
-from torch.utils.data import DataLoader
-
-import datamodules.netcdf as netcdf
-from datamodules.era5 import generate_era5_like, pack_encoding, write_era5_like
-from datamodules.io import write_netcdf
-from datamodules.netcdf import (
+from beamvq.datamodules.era5 import generate_era5_like, pack_encoding, write_era5_like
+from beamvq.datamodules.io import write_netcdf
+from beamvq.datamodules.netcdf import (
     MemmapWindowDataset,
     NetCDFDataModule,
     WindowBatch,
     WindowDataset,
     collate_windows,
 )
+from torch.utils.data import DataLoader
 
 SMALL = dict(n_times=32, resolution_deg=22.5, levels=(500.0, 850.0))
 

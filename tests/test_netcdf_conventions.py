@@ -7,11 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
-
-from datamodules.era5 import generate_era5_like, pack_encoding, write_era5_like
-from datamodules.io import write_netcdf
-from datamodules.netcdf import NetCDFDataModule
-from datamodules.synthetic import NavierStokesGenerator
+from beamvq.datamodules.era5 import generate_era5_like, pack_encoding, write_era5_like
+from beamvq.datamodules.io import write_netcdf
+from beamvq.datamodules.netcdf import NetCDFDataModule
+from beamvq.datamodules.synthetic import NavierStokesGenerator
 
 # a tiny ERA5-like sample: 8 x 16 grid, 40 six-hourly steps (10 days)
 SMALL = dict(n_times=40, resolution_deg=22.5, levels=(500.0, 850.0))

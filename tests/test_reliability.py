@@ -20,6 +20,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import xarray as xr
+from beamvq.callbacks.beam_search import BeamSearchAugmentation
+from beamvq.datamodules.netcdf import NetCDFDataModule
+from beamvq.datamodules.synthetic import write_navier_stokes
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
@@ -32,9 +35,6 @@ from beamvq.cli import BeamVQCLI, console_main, main, start_wandb
 from beamvq.metrics import NegMSEScorer
 from beamvq.module import ForecastMetrics, ForecastModule, collect_rng_state, restore_rng_state
 from beamvq.quant import QuantRecipe, convert_to_quantized
-from callbacks.beam_search import BeamSearchAugmentation
-from datamodules.netcdf import NetCDFDataModule
-from datamodules.synthetic import write_navier_stokes
 
 ROOT = Path(__file__).resolve().parents[1]
 T_IN, T_OUT = 2, 2
@@ -550,7 +550,7 @@ def _cli_trainer(ns_file: Path, *extra: str) -> pl.Trainer:
         args=[
             "--model.backbone", "beamvq.backbones.ResNet", "--model.backbone.in_steps", "2",
             "--model.backbone.out_steps", "2", "--model.backbone.in_channels", "1",
-            "--model.backbone.out_channels", "1", "--data", "datamodules.netcdf.NetCDFDataModule",
+            "--model.backbone.out_channels", "1", "--data", "beamvq.datamodules.netcdf.NetCDFDataModule",
             "--data.path", str(ns_file), "--data.variables", "[vorticity]",
             "--trainer.logger", "false", *extra,
         ],

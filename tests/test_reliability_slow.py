@@ -52,7 +52,7 @@ class Probe(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.kind == "search":
-            from callbacks.beam_search import BeamSearchAugmentation
+            from beamvq.callbacks.beam_search import BeamSearchAugmentation
 
             cb = next(c for c in trainer.callbacks if isinstance(c, BeamSearchAugmentation))
             search = cb.search
@@ -126,10 +126,10 @@ def quickstart_for_test(tmp: Path, name: str) -> Path:
         # the built-in generator form of the same data (the quickstart is moving to it)
         args = data["init_args"]
         gen = {k: args.pop(k) for k in ("n_trajectories", "resolution", "n_frames") if k in args}
-        data["class_path"] = "datamodules.netcdf.NetCDFDataModule"
+        data["class_path"] = "beamvq.datamodules.netcdf.NetCDFDataModule"
         args["variables"] = ["vorticity"]
         args["generator"] = {
-            "class_path": "datamodules.synthetic.NavierStokesGenerator",
+            "class_path": "beamvq.datamodules.synthetic.NavierStokesGenerator",
             "init_args": gen,
         }
     trainer = cfg["trainer"]

@@ -16,15 +16,9 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-from PIL import Image
-from pytorch_lightning.loggers import WandbLogger
-from wandb.proto import wandb_internal_pb2 as pb
-
-from beamvq import summary
-from beamvq.cli import main
-from callbacks.beam_search import EpochRecord
-from callbacks.plots import ForecastImageLogger, save_figure
-from callbacks.reports import (
+from beamvq.callbacks.beam_search import EpochRecord
+from beamvq.callbacks.plots import ForecastImageLogger, save_figure
+from beamvq.callbacks.reports import (
     AugmentationReport,
     CodebookUsageReport,
     LeadTimeReport,
@@ -36,8 +30,14 @@ from callbacks.reports import (
     lead_table,
     markdown_table,
 )
-from datamodules.netcdf import NetCDFDataModule
-from datamodules.synthetic import write_navier_stokes
+from beamvq.datamodules.netcdf import NetCDFDataModule
+from beamvq.datamodules.synthetic import write_navier_stokes
+from PIL import Image
+from pytorch_lightning.loggers import WandbLogger
+from wandb.proto import wandb_internal_pb2 as pb
+
+from beamvq import summary
+from beamvq.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = """
@@ -61,7 +61,7 @@ trainer:
   callbacks:
     - class_path: pytorch_lightning.callbacks.ModelCheckpoint
       init_args: {{dirpath: {run}/checkpoints, save_last: true, save_top_k: -1}}
-    - class_path: callbacks.beam_search.BeamSearchAugmentation
+    - class_path: beamvq.callbacks.beam_search.BeamSearchAugmentation
       init_args:
         start_epoch: 0
         max_windows: 6
@@ -69,13 +69,13 @@ trainer:
         top_k: 2
         only_improving: false
         scorer: {{class_path: beamvq.metrics.NegMSEScorer}}
-    - class_path: callbacks.plots.ForecastImageLogger
-    - class_path: callbacks.reports.LeadTimeReport
-    - class_path: callbacks.reports.CodebookUsageReport
-    - class_path: callbacks.reports.AugmentationReport
-    - class_path: callbacks.reports.WandbArtifacts
+    - class_path: beamvq.callbacks.plots.ForecastImageLogger
+    - class_path: beamvq.callbacks.reports.LeadTimeReport
+    - class_path: beamvq.callbacks.reports.CodebookUsageReport
+    - class_path: beamvq.callbacks.reports.AugmentationReport
+    - class_path: beamvq.callbacks.reports.WandbArtifacts
     - class_path: pytorch_lightning.callbacks.RichProgressBar
-    - class_path: callbacks.prediction_writer.NetCDFPredictionWriter
+    - class_path: beamvq.callbacks.prediction_writer.NetCDFPredictionWriter
       init_args: {{output: {run}/predictions.nc}}
 model:
   backbone:
@@ -89,7 +89,7 @@ model:
   candidate_loss_weight: 0.1
   predict_members: 3
 data:
-  class_path: datamodules.netcdf.NetCDFDataModule
+  class_path: beamvq.datamodules.netcdf.NetCDFDataModule
   init_args:
     path: {data}
     variables: [vorticity]
@@ -97,7 +97,7 @@ data:
     out_steps: 3
     batch_size: 4
     generator:
-      class_path: datamodules.synthetic.NavierStokesGenerator
+      class_path: beamvq.datamodules.synthetic.NavierStokesGenerator
       init_args: {{n_trajectories: 6, resolution: 16, n_frames: 10}}
 """
 
