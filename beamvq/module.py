@@ -54,6 +54,7 @@ from beamvq import metrics, search
 from beamvq.backbones.base import Backbone
 from beamvq.bottleneck import VQBottleneck
 from beamvq.model import VQForecaster
+from beamvq.protocols import Members
 from beamvq.quant.layers import QUANT_CLASSES
 from beamvq.tuning import resolve_learning_rate
 
@@ -156,14 +157,6 @@ class FaultSite(NamedTuple):
 
     kind: str
     description: str
-
-
-class Members(NamedTuple):
-    """Ensemble members ``(B, M, T, C, H, W)`` (physical) and their beam-search scores ``(B, M)``
-    (``None`` for rank-aligned code-bank members, which have no score)."""
-
-    fields: Tensor
-    scores: Tensor | None
 
 
 class ForecastMetrics(Metric):
@@ -725,13 +718,40 @@ class ForecastModule(pl.LightningModule):
             )
         return functools.partial(self.model.candidates, k=k)
 
-    def ensemble_members(self, x: Tensor) -> Members:
-        """The ``predict_members`` ensemble members of physical inputs ``x`` (see the class doc)."""
-        m = int(self.hparams.predict_members)
+    # -- beamvq.protocols.SearchableModel ---------------------------------------------------------
+    @property
+    def candidate_k(self) -> int:
+        """K, the code-bank candidates per forecast step."""
+        return int(self.hparams.candidate_k)
+
+    @property
+    def codebook_size(self) -> int:
+        """Codes in the bottleneck's code bank (0 without a bottleneck)."""
+        bn = self.model.bottleneck
+        return 0 if bn is None else int(bn.codebook_size)
+
+    def forecast(self, x: Tensor, steps: int) -> Tensor:
+        """Deterministic autoregressive forecast ``(B, steps × T_out, C, H, W)`` of a normalized
+        input (model space); call in eval mode under ``no_grad`` for inference."""
+        return self.model.rollout(x, steps).y
+
+    def code_indices(self, x: Tensor) -> Tensor | None:
+        """Nearest-code indices of the latent of a normalized input (``None`` without a code
+        bank); reads the code bank without moving it."""
+        bn = self.model.bottleneck
+        if bn is None:
+            return None
+        return bn.topk_indices(self.model.backbone.encode(x).z, 1)
+
+    def ensemble_members(self, x: Tensor, members: int | None = None) -> Members:
+        """Ensemble members of physical inputs ``x`` (see the class doc): ``members`` of them, by
+        default the ``predict`` ensemble (``predict_members``, beam-searched when set up so);
+        another count gives that many rank-aligned code-bank rollouts."""
+        m = int(self.hparams.predict_members if members is None else members)
         if m < 2:
-            raise ValueError(f"ensemble_members needs model.predict_members >= 2, got {m}")
+            raise ValueError(f"ensemble_members needs at least 2 members, got {m}")
         xn = self.normalize(x)
-        if self.hparams.predict_beam_width == 0:
+        if self.hparams.predict_beam_width == 0 or members is not None:
             fields = self.model.candidate_rollout(xn, m, self.rollout_steps)
             return Members(self.denormalize(fields), None)
         res = search.beam_search(

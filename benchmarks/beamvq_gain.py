@@ -75,10 +75,6 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import yaml
-from beamvq.callbacks.beam_search import BeamSearchAugmentation
-from beamvq.datamodules.netcdf import NetCDFDataModule
-from beamvq.datamodules.storm import StormGenerator
-from beamvq.datamodules.synthetic import NavierStokesGenerator
 from jsonargparse import ArgumentParser
 from torch import Tensor
 
@@ -86,6 +82,10 @@ from beamvq import metrics
 from beamvq.backbones import REGISTRY
 from beamvq.backbones.base import Backbone
 from beamvq.bottleneck import VQBottleneck
+from beamvq.callbacks.beam_search import BeamSearchAugmentation
+from beamvq.datamodules.netcdf import NetCDFDataModule
+from beamvq.datamodules.storm import StormGenerator
+from beamvq.datamodules.synthetic import NavierStokesGenerator
 from beamvq.module import ForecastModule
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import xarray as xr
-from beamvq.datamodules.era5 import write_era5_like
-from beamvq.datamodules.netcdf import NetCDFDataModule, Sample, collate_windows
-from beamvq.datamodules.synthetic import write_navier_stokes
 from torch.utils.data import DataLoader, Dataset
 
 from beamvq.backbones.simvp import SimVPv2
+from beamvq.datamodules.era5 import write_era5_like
+from beamvq.datamodules.netcdf import NetCDFDataModule, Sample, collate_windows
+from beamvq.datamodules.synthetic import write_navier_stokes
 
 
 class NaiveXarrayDataset(Dataset):

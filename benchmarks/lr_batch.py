@@ -46,10 +46,10 @@ from typing import NamedTuple
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from beamvq.datamodules.netcdf import NetCDFDataModule
-from beamvq.datamodules.synthetic import NavierStokesGenerator
 
 from beamvq.backbones.unet import UNet
+from beamvq.datamodules.netcdf import NetCDFDataModule
+from beamvq.datamodules.synthetic import NavierStokesGenerator
 from beamvq.module import ForecastModule
 from beamvq.tuning import NoiseScaleMonitor, lr_for_batch
 

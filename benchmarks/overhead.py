@@ -40,10 +40,10 @@ from einops import rearrange, repeat
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from beamvq.callbacks.beam_search import BeamSearchAugmentation  # noqa: E402
 from beamvq_gain import ROOT, Protocol, build_backbone, datamodule, make_module  # noqa: E402
 
 from beamvq import metrics, search  # noqa: E402
+from beamvq.callbacks.beam_search import BeamSearchAugmentation  # noqa: E402
 
 
 class _Timer(pl.Callback):

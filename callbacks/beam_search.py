@@ -53,14 +53,15 @@ from typing import Any, NamedTuple
 
 import pytorch_lightning as pl
 import torch
-from beamvq.datamodules.io import write_netcdf
 from einops import rearrange
 from pytorch_lightning.callbacks import RichProgressBar
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
 from beamvq import search
+from beamvq.datamodules.io import write_netcdf
 from beamvq.metrics import Scorer
+from beamvq.protocols import SOURCE_KINDS, UnlabelledInputs
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +88,16 @@ class Shard(NamedTuple):
 
 class Accepted(NamedTuple):
     """The samples one search epoch accepted, identical on every rank: physical inputs ``x``,
-    pseudo-targets ``pseudo``, ensemble scores ``score``; how many inputs were searched over all
-    ranks and the mean score gain of the ensemble over the plain forecast."""
+    pseudo-targets ``pseudo``, ensemble scores ``score``, their sources (``source_kind`` indexes
+    ``beamvq.protocols.SOURCE_KINDS``; ``source_index`` the window index or unlabelled id); how
+    many inputs were searched over all ranks and the mean score gain of the ensemble over the
+    plain forecast."""
 
     x: Tensor
     pseudo: Tensor
     score: Tensor
+    source_kind: Tensor
+    source_index: Tensor
     searched: int
     gain: float
 
@@ -289,9 +294,8 @@ class BeamSearchAugmentation(pl.Callback):
                 f"{trainer.reload_dataloaders_every_n_epochs})"
             )
         dm = trainer.datamodule
-        needed = ["training_windows", "add_to_pool", "pool_size", "normalization"]
-        needed += ["future_free_inputs"] if self.unlabelled_windows else []
-        needed += ["pool_dataset"] if self.pool_output else []
+        needed = ["training_windows", "pool", "normalization", "info"]
+        needed += ["unlabelled_inputs"] if self.unlabelled_windows else []
         missing = [name for name in needed if not hasattr(dm, name)]
         if dm is None or missing:
             raise TypeError(
@@ -377,15 +381,15 @@ class BeamSearchAugmentation(pl.Callback):
                 gathered = self._search_epoch(trainer, pl_module)
         finally:
             pl_module.train(was_training)
-        x, pseudo, score, n_searched, gain = gathered
-        added = dm.add_to_pool(x, pseudo, score) if x.shape[0] else 0
+        x, pseudo, score, kind, index, n_searched, gain = gathered
+        added = dm.pool.add(x, pseudo, score, kind, index) if x.shape[0] else 0
         search_seconds = time.perf_counter() - start
         record = EpochRecord(
             epoch=trainer.current_epoch,
             searched=n_searched,
             accepted=int(x.shape[0]),
             added=int(added),
-            pool_size=int(dm.pool_size),
+            pool_size=int(dm.pool.size),
             score_gain=gain,
             search_seconds=search_seconds,
             train_seconds=train_seconds,
@@ -408,8 +412,8 @@ class BeamSearchAugmentation(pl.Callback):
             f"{record.accepted}, added {record.added}, pool {record.pool_size}, gain "
             f"{gain:.4g}, search {search_seconds:.2f}s = {ratio:.3f} x the training epoch"
         )
-        if self.pool_output and trainer.is_global_zero and dm.pool_size:
-            write_netcdf(dm.pool_dataset(), self.pool_output)
+        if self.pool_output and trainer.is_global_zero and dm.pool.size:
+            write_netcdf(dm.pool.to_dataset(dm.info()), self.pool_output)
 
     def _search_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Accepted:
         """Search this rank's share of the epoch's inputs, gather over ranks, keep the accepted."""
@@ -417,15 +421,14 @@ class BeamSearchAugmentation(pl.Callback):
         epoch = trainer.current_epoch
         device = pl_module.device
         rank, world = trainer.global_rank, trainer.world_size
-        _, x_lab, y_lab = dm.training_windows(
-            max_windows=self.max_windows, seed=self.seed + 1_000_003 * epoch
-        )
-        x_free = self.unlabelled_inputs(dm, epoch)
+        lab = dm.training_windows(max_windows=self.max_windows, seed=self.seed + 1_000_003 * epoch)
+        free = self.unlabelled_inputs(dm, epoch)
+        kinds = (SOURCE_KINDS.index("window"), SOURCE_KINDS.index("unlabelled"))
         parts = []
         # labelled windows first, then unlabelled inputs: one global order for the gather
-        for offset, x_all, y_all, scorer in (
-            (0, x_lab, y_lab, self.scorer),
-            (x_lab.shape[0], x_free, None, self.unlabelled_scorer),
+        for offset, x_all, y_all, ids, kind, scorer in (
+            (0, lab.x, lab.y, lab.index, kinds[0], self.scorer),
+            (lab.x.shape[0], free.x, None, free.id, kinds[1], self.unlabelled_scorer),
         ):
             if x_all.shape[0] == 0:
                 continue
@@ -438,36 +441,42 @@ class BeamSearchAugmentation(pl.Callback):
             out = self.search(pl_module, x_mine, y_mine, scorer)
             # the pool keeps the inputs as the data hold them (not a low-precision copy)
             x_pool = x_all[mine.positions].to(device)
-            parts.append(((mine.positions + offset).to(device), mine.valid.to(device), x_pool, out))
+            source = torch.stack(
+                [torch.full_like(mine.positions, kind), ids.long()[mine.positions]], dim=1
+            ).to(device)
+            parts.append(
+                ((mine.positions + offset).to(device), mine.valid.to(device), x_pool, source, out)
+            )
         if not parts:
-            empty = torch.empty(0)
-            return Accepted(empty, empty, empty, 0, float("nan"))
+            empty, none = torch.empty(0), torch.empty(0, dtype=torch.long)
+            return Accepted(empty, empty, empty, none, none, 0, float("nan"))
         key = torch.cat([p[0] for p in parts])
         valid = torch.cat([p[1] for p in parts])
         x = torch.cat([p[2] for p in parts])
-        pseudo = torch.cat([p[3].pseudo for p in parts])
-        ens = torch.cat([p[3].ensemble_score for p in parts])
-        plain = torch.cat([p[3].plain_score for p in parts])
-        accepted = torch.cat([p[3].accepted for p in parts]) & valid
+        source = torch.cat([p[3] for p in parts])
+        pseudo = torch.cat([p[4].pseudo for p in parts])
+        ens = torch.cat([p[4].ensemble_score for p in parts])
+        plain = torch.cat([p[4].plain_score for p in parts])
+        accepted = torch.cat([p[4].accepted for p in parts]) & valid
         flags = torch.stack([valid.float(), accepted.float()], dim=1)
         if world > 1:
-            key, flags, x, pseudo, ens, plain = (
+            key, flags, x, source, pseudo, ens, plain = (
                 rearrange(trainer.strategy.all_gather(t), "w n ... -> (w n) ...")
-                for t in (key, flags, x, pseudo, ens, plain)
+                for t in (key, flags, x, source, pseudo, ens, plain)
             )
         valid, accepted = flags[:, 0] > 0, flags[:, 1] > 0
         gain_all = (ens - plain)[valid]
         finite = torch.isfinite(gain_all)
         gain = float(gain_all[finite].mean()) if bool(finite.any()) else float("nan")
-        x, pseudo, ens = merge_gathered(key, accepted, x, pseudo, ens)
-        return Accepted(x, pseudo, ens, int(valid.sum()), gain)
+        x, pseudo, ens, source = merge_gathered(key, accepted, x, pseudo, ens, source)
+        return Accepted(x, pseudo, ens, source[:, 0], source[:, 1], int(valid.sum()), gain)
 
-    def unlabelled_inputs(self, dm: Any, epoch: int) -> Tensor:
+    def unlabelled_inputs(self, dm: Any, epoch: int) -> UnlabelledInputs:
         """Up to ``unlabelled_windows`` physical inputs with no recorded future (training split),
-        a fresh random subset each epoch (``NetCDFDataModule.future_free_inputs``)."""
+        a fresh random subset each epoch (``ForecastData.unlabelled_inputs``)."""
         if self.unlabelled_windows == 0:
-            return torch.empty(0)
-        return dm.future_free_inputs(self.unlabelled_windows, seed=[self.seed, epoch, 1])
+            return UnlabelledInputs(torch.empty(0, dtype=torch.long), torch.empty(0))
+        return dm.unlabelled_inputs(self.unlabelled_windows, seed=[self.seed, epoch, 1])
 
     def inputs_per_call(self, device: torch.device) -> int:
         """``search_batch_size``, or its default for ``device``: 4 on CPU, 32 elsewhere."""

@@ -32,6 +32,8 @@ from matplotlib import animation  # noqa: E402
 from pytorch_lightning.loggers import WandbLogger  # noqa: E402
 from pytorch_lightning.utilities import rank_zero_only  # noqa: E402
 
+from beamvq.protocols import ForecastData  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 # errors get a colour map of their own, so they are never mistaken for a diverging field
@@ -95,22 +97,20 @@ def save_figure(fig: plt.Figure, path: Path, dpi: int) -> Path:
 
 
 def field_style(trainer: pl.Trainer, channel: int) -> FieldStyle:
-    """Name, units and orientation of ``channel`` from the datamodule's labels, when it has them
-    (``layout().channels``, ``var_attrs``, ``coords`` and ``y_dim`` of ``beamvq.datamodules.netcdf``:
-    a channel is one variable at one level, e.g. ``z500``, with the attributes of ``z``)."""
-    dm = getattr(trainer, "datamodule", None)
-    layout = getattr(dm, "layout", None)
-    channels = list(layout().channels) if callable(layout) else []
-    if channel < len(channels):
-        name, variable = channels[channel].name, channels[channel].variable
+    """Name, units and orientation of ``channel`` from the datamodule's labels
+    (``ForecastData.info()``: a channel is one variable at one level, e.g. ``z500``, with the
+    attributes of ``z``); generic labels for a datamodule without them."""
+    dm = trainer.datamodule
+    if not isinstance(dm, ForecastData):
+        return FieldStyle(f"channel {channel}", "", "lower")
+    info = dm.info()
+    if channel < len(info.channels):
+        name, attrs = info.channels[channel].name, info.channels[channel].attrs
     else:
-        name = variable = f"channel {channel}"
-    attrs = (getattr(dm, "var_attrs", None) or {}).get(variable, {})
+        name, attrs = f"channel {channel}", {}
     origin = "lower"
-    coords = getattr(dm, "coords", None) or {}
-    y_dim = getattr(dm, "y_dim", None)
-    if y_dim in coords and coords[y_dim].size > 1:
-        y = np.asarray(coords[y_dim].values)
+    y = np.asarray(info.y.values)
+    if y.size > 1:
         # descending latitude (ERA5: 90 -> -90) is already north-up when drawn from the top
         origin = "lower" if y[-1] > y[0] else "upper"
     return FieldStyle(name, str(attrs.get("units", "")), origin)

@@ -25,8 +25,9 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import xarray as xr
-from beamvq.datamodules.io import write_netcdf
 from pytorch_lightning.callbacks import BasePredictionWriter
+
+from beamvq.datamodules.io import write_netcdf
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +90,12 @@ class NetCDFPredictionWriter(BasePredictionWriter):
         ``members (S, M, T, C, H, W)`` and their beam-search ``member_scores (S, M)`` optional."""
         searched = member_scores is not None
         kind = "beam-searched trajectories, best first" if searched else "code-bank candidates"
+        data = dm.info()
         info = dm.window_info(dm.predict_split, index)
         n_lead = forecast.shape[1]
-        time_attrs = dict(dm.coords[dm.time_dim].attrs)
+        time_attrs = dict(data.time.attrs)
         # one forecast step is the spacing of a window's frames (data.time_step), not the file's
-        step = dm.time_step
+        step = data.time_step
         lead = np.arange(1, n_lead + 1) * step
         lead_attrs = {"long_name": "forecast lead time", "standard_name": "forecast_period"}
         if not np.issubdtype(np.asarray(lead).dtype, np.timedelta64):
@@ -122,20 +124,19 @@ class NetCDFPredictionWriter(BasePredictionWriter):
                 | {"long_name": "time the forecast is valid for", "standard_name": "time"},
             ),
         }
-        for dim, new, axis in ((dm.y_dim, "y", "Y"), (dm.x_dim, "x", "X")):
-            if dim in dm.coords:
-                attrs = dict(dm.coords[dim].attrs)
-                attrs.setdefault("axis", axis)
-                attrs.setdefault("long_name", f"{dim} coordinate")
-                coords[new] = (new, dm.coords[dim].values, attrs)
+        for ax, new, axis in ((data.y, "y", "Y"), (data.x, "x", "X")):
+            attrs = dict(ax.attrs)
+            attrs.setdefault("axis", axis)
+            attrs.setdefault("long_name", f"{ax.name} coordinate")
+            coords[new] = (new, ax.values, attrs)
         data_vars: dict[str, Any] = {}
         # one variable per channel (``z500``, ``t850``, ``t2m``; the variable name when it has
         # no levels) with the attributes of its source variable
-        for c, channel in enumerate(dm.layout().channels):
+        for c, channel in enumerate(data.channels):
             name = channel.name
             attrs = {
                 k: v
-                for k, v in dm.var_attrs.get(channel.variable, {}).items()
+                for k, v in channel.attrs.items()
                 if k in ("units", "long_name", "standard_name")
             }
             attrs.setdefault("long_name", channel.variable)
@@ -185,7 +186,7 @@ class NetCDFPredictionWriter(BasePredictionWriter):
             attrs={
                 "title": "beamvq forecasts",
                 "Conventions": "CF-1.8",
-                "source": f"beamvq forecasts of {dm.path}",
+                "source": f"beamvq forecasts of {data.path}",
                 "history": f"{stamp}: {' '.join(sys.argv)} (checkpoint: {ckpt})",
                 "references": "BeamVQ: arXiv 2405.17051, 2502.18925",
             },

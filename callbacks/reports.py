@@ -33,6 +33,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import BasePredictionWriter
+from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities import rank_zero_only
+
 from beamvq.callbacks.beam_search import BeamSearchAugmentation
 from beamvq.callbacks.plots import (
     ERROR_CMAP,
@@ -46,9 +50,7 @@ from beamvq.callbacks.plots import (
     wandb_image,
     wandb_loggers,
 )
-from pytorch_lightning.callbacks import BasePredictionWriter
-from pytorch_lightning.loggers import WandbLogger
-from pytorch_lightning.utilities import rank_zero_only
+from beamvq.protocols import SOURCE_KINDS, PoolSamples
 
 log = logging.getLogger(__name__)
 
@@ -395,31 +397,17 @@ class CodebookUsageReport(pl.Callback):
 
 
 # -- the BeamVQ augmentation ---------------------------------------------------------------------
-def find_truth(dm: Any, x: np.ndarray) -> list[np.ndarray | None]:
-    """The recorded future ``(T, C, H, W)`` of each input ``x[i] (T_in, C, H, W)`` among the
-    training windows of ``dm`` (matched on their frames), or ``None`` for inputs that have none
-    (the search's unlabelled inputs).
-
-    One chunked pass over the last input frame of every training window; pool inputs are stored
-    exactly as the data hold them, so an exact comparison suffices.
-    """
-    ds = dm.dataset("train")
-    data, starts = ds.data, np.asarray(ds.starts)
-    t_in, horizon = int(ds.in_steps), int(ds.target_steps)
-    found: list[np.ndarray | None] = [None] * len(x)
-    for lo in range(0, len(starts), 512):
-        if all(f is not None for f in found):
-            break
-        chunk = starts[lo : lo + 512]
-        last = np.asarray(data[chunk[:, 0], chunk[:, 1] + t_in - 1])
-        for i, xi in enumerate(x):
-            if found[i] is not None:
-                continue
-            for j in np.flatnonzero((last == xi[-1]).reshape(len(chunk), -1).all(1)):
-                s, t0 = (int(v) for v in chunk[j])
-                if np.array_equal(np.asarray(data[s, t0 : t0 + t_in]), xi):
-                    found[i] = np.asarray(data[s, t0 + t_in : t0 + t_in + horizon])
-                    break
+def pool_truths(dm: Any, samples: PoolSamples) -> list[np.ndarray | None]:
+    """The recorded future ``(T, C, H, W)`` of each pool sample: its training window's target
+    when the sample came from a window (``source_kind``), else ``None`` (unlabelled inputs)."""
+    window = SOURCE_KINDS.index("window")
+    from_window = (samples.source_kind == window) & (samples.source_index >= 0)
+    found: list[np.ndarray | None] = [None] * int(samples.x.shape[0])
+    rows = torch.nonzero(from_window).flatten()
+    if rows.numel():
+        targets = dm.training_targets(samples.source_index[rows])
+        for r, y in zip(rows.tolist(), targets):
+            found[r] = y.numpy()
     return found
 
 
@@ -534,8 +522,8 @@ def augmentation_figure(
 class AugmentationReport(pl.Callback):
     """A panel of the BeamVQ self-training after each search epoch.
 
-    Reads ``BeamSearchAugmentation.history`` and the datamodule's pool (``pool_x``, ``pool_y``,
-    ``pool_score``, ``pool_age``); draws the newest ``examples`` pool samples with their truth
+    Reads ``BeamSearchAugmentation.history`` and the datamodule's pool (``dm.pool.samples()``);
+    draws the newest ``examples`` pool samples with their truth
     (looked up among the training windows) and the plain forecast of the same input (the module
     in eval mode under ``no_grad``, so the code bank does not move). Works in any position of the
     callback list: a search epoch is reported at the next hook that sees it.
@@ -588,7 +576,7 @@ class AugmentationReport(pl.Callback):
         self._reported = record.epoch
         dm = trainer.datamodule
         examples = self.pool_examples(dm, pl_module)
-        lead = int(dm.pool_y.shape[1]) if dm.pool_size else 0
+        lead = int(dm.pool.samples().y.shape[1]) if dm.pool.size else 0
         title = (
             f"BeamVQ augmentation after epoch {record.epoch}: pool {record.pool_size}, "
             f"added {record.added} of {record.searched} searched, "
@@ -598,7 +586,7 @@ class AugmentationReport(pl.Callback):
             list(search.history),
             examples,
             lead,
-            dm.pool_score.float().numpy(),
+            dm.pool.samples().score.float().numpy(),
             title,
             field_style(trainer, self.channel),
         )
@@ -619,12 +607,14 @@ class AugmentationReport(pl.Callback):
 
     def pool_examples(self, dm: Any, pl_module: pl.LightningModule) -> list[PoolExample]:
         """The newest ``examples`` pool samples, at the longest lead, with truth and forecast."""
-        n = min(self.examples, int(dm.pool_size))
+        n = min(self.examples, int(dm.pool.size))
         if n == 0:
             return []
-        newest = torch.argsort(dm.pool_age, descending=True)[:n]
-        x, pseudo = dm.pool_x[newest], dm.pool_y[newest]
-        truths = find_truth(dm, x.numpy())
+        pool = dm.pool.samples()
+        newest = torch.argsort(pool.age, descending=True)[:n]
+        chosen = PoolSamples(*(t[newest] for t in pool))
+        x, pseudo = chosen.x, chosen.y
+        truths = pool_truths(dm, chosen)
         was_training = pl_module.training
         pl_module.eval()
         try:
@@ -642,8 +632,8 @@ class AugmentationReport(pl.Callback):
                     pseudo[i, last, c].numpy(),
                     plain[i, last, c].numpy(),
                     None if truth is None else truth[last, c],
-                    float(dm.pool_score[newest[i]]),
-                    int(dm.pool_age[newest[i]]),
+                    float(chosen.score[i]),
+                    int(chosen.age[i]),
                     float("nan") if truth is None else rmse(pseudo[i].numpy(), truth),
                     float("nan") if truth is None else rmse(plain[i].numpy(), truth),
                 )

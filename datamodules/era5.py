@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import xarray as xr
+
 from beamvq.datamodules.io import DataGenerator, write_netcdf
 
 log = logging.getLogger(__name__)

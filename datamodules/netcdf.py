@@ -51,10 +51,22 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 import xarray as xr
-from beamvq.datamodules import cache as cache_mod
-from beamvq.datamodules.io import DataGenerator
 from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, default_collate
+
+from beamvq.datamodules import cache as cache_mod
+from beamvq.datamodules.io import DataGenerator
+from beamvq.datamodules.pool import AugmentedPool
+from beamvq.protocols import (
+    AxisInfo,
+    Batch,
+    ChannelInfo,
+    DataInfo,
+    Normalization,
+    UnlabelledInputs,
+    WindowInfo,
+    Windows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,29 +86,8 @@ LON_UNITS = ("degrees_east", "degree_east", "degree_E", "degrees_E", "degreeE", 
 READ_BLOCK_BYTES = 64 * 2**20
 
 
-class Sample(NamedTuple):
-    """One window: physical input ``x (T_in, C, H, W)``, target ``y (T_total, C, H, W)``,
-    loss ``weight`` (1 for real windows, the pool weight for pseudo-targets) and ``index`` of the
-    window in its split (-1 for pool samples)."""
-
-    x: Tensor
-    y: Tensor
-    weight: Tensor
-    index: Tensor
-
-
-class Normalization(NamedTuple):
-    """Per-channel mean and standard deviation of the training split, shape ``(C,)``."""
-
-    mean: np.ndarray
-    std: np.ndarray
-
-
-class WindowInfo(NamedTuple):
-    """Labels of windows: the sample (trajectory) label and the last input time label."""
-
-    sample: np.ndarray
-    init_time: np.ndarray
+# one window (the fields of beamvq.protocols.Batch without the batch dim)
+Sample = Batch
 
 
 class Channel(NamedTuple):
@@ -320,19 +311,6 @@ class MemmapWindowDataset(_Windows):
             self._array = np.load(self.data_file, mmap_mode="r")
             self._pid = os.getpid()
         return self._array
-
-
-class PoolDataset(Dataset):
-    """The augmented pool as a dataset of pseudo-labelled samples (index -1)."""
-
-    def __init__(self, x: Tensor, y: Tensor, weight: float) -> None:
-        self.x, self.y, self.weight = x, y, weight
-
-    def __len__(self) -> int:
-        return self.x.shape[0]
-
-    def __getitem__(self, i: int) -> Sample:
-        return Sample(self.x[i], self.y[i], torch.tensor(self.weight), torch.tensor(-1))
 
 
 # ------------------------------------------------------------------------------------------
@@ -625,8 +603,6 @@ class NetCDFDataModule(pl.LightningDataModule):
             )
         if predict_split not in SPLITS:
             raise ValueError(f"data.predict_split must be one of {SPLITS}, got {predict_split!r}")
-        if pool_policy not in ("oldest", "worst"):
-            raise ValueError(f"data.pool_policy must be 'oldest' or 'worst', got {pool_policy!r}")
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"data.nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
         if not 0.0 <= max_nan_fraction <= 1.0:
@@ -674,11 +650,7 @@ class NetCDFDataModule(pl.LightningDataModule):
         self.check_only = bool(check_only)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.predict_split = predict_split
-        self.pool_capacity, self.pool_policy, self.pool_weight = (
-            int(pool_capacity),
-            pool_policy,
-            float(pool_weight),
-        )
+        self.pool = AugmentedPool(pool_capacity, pool_policy, pool_weight)
         self.seed = int(seed)
         self.generator = generator
         if generator is not None and not isinstance(self.path, str):
@@ -697,11 +669,6 @@ class NetCDFDataModule(pl.LightningDataModule):
         self.latitude: np.ndarray | None = None
         self.coords: dict[str, xr.DataArray] = {}
         self.var_attrs: dict[str, dict] = {}
-        self.pool_x = torch.empty(0)
-        self.pool_y = torch.empty(0)
-        self.pool_score = torch.empty(0)
-        self.pool_age = torch.empty(0, dtype=torch.long)
-        self._pool_counter = 0
 
     # -- sizes -------------------------------------------------------------------------------
     @property
@@ -1467,121 +1434,78 @@ class NetCDFDataModule(pl.LightningDataModule):
             return diff == self.time_step
         return np.isclose(diff, self.time_step)
 
-    # -- the augmented pool ------------------------------------------------------------------
-    @property
-    def pool_size(self) -> int:
-        return int(self.pool_x.shape[0])
-
-    def add_to_pool(self, x: Tensor, y: Tensor, score: Tensor) -> int:
-        """Add physical (input, pseudo-target) pairs; returns how many were added.
-
-        Beyond ``pool_capacity`` the oldest or the worst-scoring samples are dropped. Callers
-        must pass the same tensors on every rank (the callback gathers before calling).
-        """
-        if x.shape[0] == 0:
-            return 0
-        x, y, score = (
-            x.detach().float().cpu(),
-            y.detach().float().cpu(),
-            score.detach().float().cpu(),
+    # -- what callbacks see (beamvq.protocols.ForecastData) --------------------------------
+    def info(self) -> DataInfo:
+        """Labels of the channels, the time axis and the grid (after setup)."""
+        if self._stats is None:
+            self.setup()
+        lay = self.layout()
+        channels = tuple(
+            ChannelInfo(c.name, c.variable, c.level, dict(self.var_attrs.get(c.variable, {})))
+            for c in lay.channels
         )
-        first_new = self._pool_counter
-        age = torch.arange(first_new, first_new + x.shape[0])
-        self._pool_counter += x.shape[0]
-        if self.pool_size:
-            x, y = torch.cat([self.pool_x, x]), torch.cat([self.pool_y, y])
-            score, age = torch.cat([self.pool_score, score]), torch.cat([self.pool_age, age])
-        if x.shape[0] > self.pool_capacity:
-            key = score if self.pool_policy == "worst" else age.float()
-            keep = torch.sort(torch.topk(key, self.pool_capacity).indices).values
-            x, y, score, age = x[keep], y[keep], score[keep], age[keep]
-        self.pool_x, self.pool_y, self.pool_score, self.pool_age = x, y, score, age
-        return int((age >= first_new).sum())
+
+        def axis(dim: str | None, size: int) -> AxisInfo:
+            if dim is not None and dim in self.coords:
+                coord = self.coords[dim]
+                return AxisInfo(dim, np.asarray(coord.values), dict(coord.attrs))
+            return AxisInfo(dim or "", np.arange(size), {})
+
+        ny, nx = self.grid
+        return DataInfo(
+            path=str(self.path),
+            channels=channels,
+            time=axis(self.time_dim, len(lay.time)),
+            time_step=self.time_step,
+            y=axis(self.y_dim, ny),
+            x=axis(self.x_dim, nx),
+            latitude=self.latitude,
+            in_steps=self.in_steps,
+            target_steps=self.target_steps,
+        )
 
     def state_dict(self) -> dict:
-        return {
-            "pool_x": self.pool_x,
-            "pool_y": self.pool_y,
-            "pool_score": self.pool_score,
-            "pool_age": self.pool_age,
-            "pool_counter": self._pool_counter,
-        }
+        return self.pool.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.pool_x, self.pool_y = state["pool_x"], state["pool_y"]
-        self.pool_score, self.pool_age = state["pool_score"], state["pool_age"]
-        self._pool_counter = int(state["pool_counter"])
+        self.pool.load_state_dict(state)
 
-    def training_windows(
-        self, max_windows: int | None = None, seed: int = 0
-    ) -> tuple[np.ndarray, Tensor, Tensor]:
+    def training_windows(self, max_windows: int | None = None, seed: Any = 0) -> Windows:
         """Indices and physical ``(x, y)`` of (a random subset of) training windows."""
         ds = self.dataset("train")
         idx = np.arange(len(ds))
         if max_windows is not None and max_windows < len(ds):
             idx = np.sort(np.random.default_rng(seed).choice(len(ds), max_windows, replace=False))
+        if idx.size == 0:
+            return Windows(torch.empty(0, dtype=torch.long), torch.empty(0), torch.empty(0))
         xs, ys = zip(*[(ds[i].x, ds[i].y) for i in idx])
-        return idx, torch.stack(xs), torch.stack(ys)
+        return Windows(torch.from_numpy(idx.astype(np.int64)), torch.stack(xs), torch.stack(ys))
 
-    def future_free_inputs(self, max_inputs: int | None = None, seed: Any = 0) -> Tensor:
+    def training_targets(self, index: Tensor) -> Tensor:
+        """The recorded futures ``(N, T_total, C, H, W)`` of training windows ``index``."""
+        ds = self.dataset("train")
+        idx = np.asarray(index.cpu(), dtype=np.int64).reshape(-1)
+        if idx.size == 0:
+            return torch.empty(0)
+        return torch.stack([ds[int(i)].y for i in idx])
+
+    def unlabelled_inputs(self, max_inputs: int | None = None, seed: Any = 0) -> UnlabelledInputs:
         """Physical inputs ``(N, in_steps, C, H, W)`` of the training split with no recorded future.
 
         Per training sample, the inputs that start after its last window and end within that
         window's frames (``future_free_starts``): only frames the training windows already hold,
         never validation or test data. A random subset of ``max_inputs`` (``seed``: anything
-        ``numpy.random.default_rng`` takes), in time order. Reference-free scorers search these.
+        ``numpy.random.default_rng`` takes), in time order; an input's id is its position in the
+        full list, the same in every epoch. Reference-free scorers search these.
         """
         ds = self.dataset("train")
         starts = future_free_starts(np.asarray(ds.starts), self.target_steps)
+        ids = np.arange(len(starts), dtype=np.int64)
         if max_inputs is not None and len(starts) > max_inputs:
-            pick = np.random.default_rng(seed).choice(len(starts), max_inputs, replace=False)
-            starts = starts[np.sort(pick)]
-        return torch.from_numpy(ds.inputs(starts))
-
-    def pool_dataset(self) -> xr.Dataset:
-        """The augmented pool as a CF-style dataset for inspection, physical units:
-        ``<var>_input (pool, input_time, y, x)``, ``<var>_pseudo_target (pool, lead_time, y, x)``,
-        ``score (pool)`` and ``age (pool)`` (order of addition)."""
-        n = self.pool_size
-        if n == 0:
-            raise ValueError("pool_dataset: the augmented pool is empty; nothing to write")
-        x, y = self.pool_x.float().numpy(), self.pool_y.float().numpy()
-        coords: dict[str, Any] = {
-            "pool": ("pool", np.arange(n), {"long_name": "pool sample"}),
-            "input_time": (
-                "input_time",
-                np.arange(-x.shape[1] + 1, 1),
-                {"long_name": "input frame, 0 = last input frame", "units": "time steps"},
-            ),
-            "lead_time": (
-                "lead_time",
-                np.arange(1, y.shape[1] + 1),
-                {"long_name": "forecast lead time", "units": "time steps"},
-            ),
-        }
-        for dim, new in ((self.y_dim, "y"), (self.x_dim, "x")):
-            if dim in self.coords:
-                coords[new] = (new, self.coords[dim].values, dict(self.coords[dim].attrs))
-        data_vars: dict[str, Any] = {
-            "score": ("pool", self.pool_score.float().numpy(), {"long_name": "ensemble score"}),
-            "age": ("pool", self.pool_age.numpy(), {"long_name": "order of addition to the pool"}),
-        }
-        for c, name in enumerate(self.variables):
-            keep = ("units", "long_name", "standard_name")
-            attrs = {k: v for k, v in self.var_attrs.get(name, {}).items() if k in keep}
-            data_vars[f"{name}_input"] = (("pool", "input_time", "y", "x"), x[:, :, c], attrs)
-            data_vars[f"{name}_pseudo_target"] = (
-                ("pool", "lead_time", "y", "x"), y[:, :, c], attrs,
-            )  # fmt: skip
-        return xr.Dataset(
-            data_vars,
-            coords=coords,
-            attrs={
-                "title": "beamvq augmented pool (BeamVQ self-training pseudo-targets)",
-                "Conventions": "CF-1.8",
-                "source": f"beam-searched self-ensembles of forecasts on {self.path}",
-            },
-        )
+            ids = np.sort(
+                np.random.default_rng(seed).choice(len(starts), max_inputs, replace=False)
+            )
+        return UnlabelledInputs(torch.from_numpy(ids), torch.from_numpy(ds.inputs(starts[ids])))
 
     # -- loaders -----------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
@@ -1597,8 +1521,8 @@ class NetCDFDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds: Dataset = self.dataset("train")
-        if self.pool_size:
-            ds = ConcatDataset([ds, PoolDataset(self.pool_x, self.pool_y, self.pool_weight)])
+        if self.pool.size:
+            ds = ConcatDataset([ds, self.pool.dataset()])
         return self._loader(ds, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

@@ -40,6 +40,7 @@ from typing import NamedTuple
 
 import numpy as np
 import xarray as xr
+
 from beamvq.datamodules.io import DataGenerator, write_netcdf
 
 DOMAIN_HALF_WIDTH: float = 2.5

@@ -38,6 +38,7 @@ from typing import NamedTuple
 
 import numpy as np
 import xarray as xr
+
 from beamvq.datamodules.io import DataGenerator, write_netcdf
 
 #: SEVIR's frame spacing in minutes.

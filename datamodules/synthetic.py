@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import xarray as xr
+
 from beamvq.datamodules.io import DataGenerator, write_netcdf
 
 log = logging.getLogger(__name__)

@@ -16,15 +16,15 @@ import pytorch_lightning as pl
 import torch
 import xarray as xr
 import yaml
-from beamvq.callbacks.beam_search import BeamSearchAugmentation, merge_gathered, shard
-from beamvq.datamodules.netcdf import NetCDFDataModule, WindowDataset, future_free_starts
-from beamvq.datamodules.synthetic import NavierStokesGenerator, write_navier_stokes
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
 from beamvq.backbones import ResNet
 from beamvq.bottleneck import VQBottleneck
+from beamvq.callbacks.beam_search import BeamSearchAugmentation, merge_gathered, shard
 from beamvq.cli import main
+from beamvq.datamodules.netcdf import NetCDFDataModule, WindowDataset, future_free_starts
+from beamvq.datamodules.synthetic import NavierStokesGenerator, write_navier_stokes
 from beamvq.metrics import NegMSEScorer, SpectrumScorer
 from beamvq.module import ForecastModule
 
@@ -104,7 +104,7 @@ class EpochStart(pl.Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dm = trainer.datamodule
         n = len(trainer.train_dataloader.dataset)
-        self.seen.append((trainer.current_epoch, n, dm.pool_size))
+        self.seen.append((trainer.current_epoch, n, dm.pool.size))
         self.pools.append(
             {k: v.clone() if torch.is_tensor(v) else v for k, v in dm.state_dict().items()}
         )
@@ -158,8 +158,8 @@ def test_pool_grows_and_the_next_epoch_trains_on_it(fitted: dict) -> None:
         assert r.search_seconds > 0 and r.train_seconds > 0
     assert [r.pool_size for r in cb.history] == [8, 16]
     assert starts.seen == [(0, n_train, 0), (1, n_train + 8, 8), (2, n_train + 16, 16)]
-    assert dm.pool_y.shape == (16, STEPS * T_OUT, 1, 16, 16)
-    assert torch.isfinite(dm.pool_y).all()
+    assert dm.pool.samples().y.shape == (16, STEPS * T_OUT, 1, 16, 16)
+    assert torch.isfinite(dm.pool.samples().y).all()
     assert fitted["spectrum"].clim_spectrum is not None  # fitted once on training targets
 
 
@@ -183,7 +183,7 @@ def test_search_reads_training_data_only(fitted: dict) -> None:
     data = torch.from_numpy(ds.data)
     window_x = torch.stack([ds[i].x for i in range(len(ds))])
     n_windows = 0
-    for x in dm.pool_x:
+    for x in dm.pool.samples().x:
         hits = [
             (s, t0)
             for s in train_samples
@@ -211,9 +211,13 @@ def test_augment_metrics_logged(fitted: dict) -> None:
 def test_pool_written_to_netcdf(fitted: dict) -> None:
     dm = fitted["dm"]
     ds = xr.open_dataset(fitted["tmp"] / "pool.nc")
-    np.testing.assert_array_equal(ds["vorticity_input"].values, dm.pool_x[:, :, 0].numpy())
-    np.testing.assert_array_equal(ds["vorticity_pseudo_target"].values, dm.pool_y[:, :, 0].numpy())
-    np.testing.assert_array_equal(ds["score"].values, dm.pool_score.numpy())
+    np.testing.assert_array_equal(
+        ds["vorticity_input"].values, dm.pool.samples().x[:, :, 0].numpy()
+    )
+    np.testing.assert_array_equal(
+        ds["vorticity_pseudo_target"].values, dm.pool.samples().y[:, :, 0].numpy()
+    )
+    np.testing.assert_array_equal(ds["score"].values, dm.pool.samples().score.numpy())
     assert ds["vorticity_pseudo_target"].dims == ("pool", "lead_time", "y", "x")
     ds.close()
 
@@ -306,15 +310,19 @@ def test_unlabelled_inputs_come_after_the_last_training_windows(ns_file: Path) -
     assert set(want[:, 0]) == set(train.starts[:, 0]) and len(want) == 4 * len(set(want[:, 0]))
     cb = BeamSearchAugmentation(SpectrumScorer(), unlabelled_windows=100)
     dm.recording = True
-    x = cb.unlabelled_inputs(dm, epoch=0)
+    free = cb.unlabelled_inputs(dm, epoch=0)
+    x = free.x
+    assert free.id.tolist() == list(range(len(want)))  # ids: positions in the full list
     assert {c[1] for c in dm.calls if c[0] == "dataset"} == {"train"}  # never val or test
     expected = np.stack([data[s, t0 : t0 + T_IN] for s, t0 in want])
     np.testing.assert_array_equal(x.numpy(), expected)
     # a fresh random subset each epoch, reproducible
     two = BeamSearchAugmentation(SpectrumScorer(), unlabelled_windows=2, seed=5)
     a, b = two.unlabelled_inputs(dm, epoch=3), two.unlabelled_inputs(dm, epoch=3)
-    assert a.shape == (2, T_IN, 1, 16, 16) and torch.equal(a, b)
-    epochs = [two.unlabelled_inputs(dm, epoch=e) for e in range(6)]
+    assert a.x.shape == (2, T_IN, 1, 16, 16) and torch.equal(a.x, b.x)
+    np.testing.assert_array_equal(a.x.numpy(), expected[a.id.numpy()])
+    a, b = a.x, b.x
+    epochs = [two.unlabelled_inputs(dm, epoch=e).x for e in range(6)]
     assert any(not torch.equal(epochs[0], e) for e in epochs[1:])
 
 
@@ -355,10 +363,10 @@ def test_resume_restores_the_pool_exactly(ns_file: Path, tmp_path: Path) -> None
     cb_a = BeamSearchAugmentation(NegMSEScorer(), start_epoch=0, max_windows=4, beam_width=2,
                                   only_improving=False)  # fmt: skip
     make_trainer([cb_a, ckpt], 2, enable_checkpointing=True).fit(make_module(), dm_a)
-    assert [r.epoch for r in cb_a.history] == [0] and dm_a.pool_size == 4
+    assert [r.epoch for r in cb_a.history] == [0] and dm_a.pool.size == 4
     saved = torch.load(tmp_path / "epoch=0.ckpt", weights_only=False)
     state = saved[type(dm_a).__qualname__]
-    assert torch.equal(state["pool_x"], dm_a.pool_x)
+    assert torch.equal(state["pool_x"], dm_a.pool.samples().x)
 
     dm_b = SpyDataModule(str(ns_file))
     starts = EpochStart()
@@ -440,7 +448,7 @@ def test_configs_run_beamvq_from_the_cli(
     unlabelled = cb.unlabelled_windows
     assert [r.epoch for r in cb.history] == [0]
     assert cb.history[0].searched == 2 + unlabelled
-    assert cli.datamodule.pool_size == cb.history[0].added == cb.history[0].accepted
+    assert cli.datamodule.pool.size == cb.history[0].added == cb.history[0].accepted
     if name == "beamvq/ns.yaml":
         # the beam-searched test ensemble from the checkpoint, through the CLI
         test = main(

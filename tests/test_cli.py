@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
-from beamvq.datamodules.synthetic import write_navier_stokes
 
 from beamvq.cli import main
+from beamvq.datamodules.synthetic import write_navier_stokes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [

@@ -24,11 +24,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from beamvq.callbacks.beam_search import BeamSearchAugmentation
-from beamvq.datamodules.synthetic import write_navier_stokes
 
 from beamvq.backbones import REGISTRY
+from beamvq.callbacks.beam_search import BeamSearchAugmentation
 from beamvq.cli import main
+from beamvq.datamodules.synthetic import write_navier_stokes
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -116,5 +116,5 @@ def test_fit_smoke(
     assert record.epoch == search_epoch
     assert record.searched == min(n_train, search.max_windows or n_train)
     assert 0 <= record.added <= record.accepted <= record.searched
-    assert record.pool_size == cli.datamodule.pool_size == record.added
+    assert record.pool_size == cli.datamodule.pool.size == record.added
     assert math.isfinite(record.score_gain)

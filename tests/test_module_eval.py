@@ -12,13 +12,13 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import xarray as xr
-from beamvq.callbacks.prediction_writer import NetCDFPredictionWriter
-from beamvq.datamodules.netcdf import NetCDFDataModule
-from beamvq.datamodules.synthetic import NavierStokesGenerator, write_navier_stokes
 
 from beamvq import metrics, search
 from beamvq.backbones import ResNet
 from beamvq.bottleneck import VQBottleneck
+from beamvq.callbacks.prediction_writer import NetCDFPredictionWriter
+from beamvq.datamodules.netcdf import NetCDFDataModule
+from beamvq.datamodules.synthetic import NavierStokesGenerator, write_navier_stokes
 from beamvq.module import EnsembleMetrics, ForecastMetrics, ForecastModule
 
 T_IN, T_OUT, STEPS, K = 2, 2, 2, 3

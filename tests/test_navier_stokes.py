@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import xarray as xr
+
 from beamvq.datamodules.synthetic import (
     gaussian_random_field,
     generate_navier_stokes,

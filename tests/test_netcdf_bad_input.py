@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+
 from beamvq.datamodules.era5 import generate_era5_like, pack_encoding
 from beamvq.datamodules.io import write_netcdf
 from beamvq.datamodules.netcdf import NetCDFDataModule

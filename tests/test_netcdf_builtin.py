@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from beamvq.cli import main
 from beamvq.datamodules.era5 import ERA5LikeGenerator
 from beamvq.datamodules.netcdf import NetCDFDataModule
 from beamvq.datamodules.shallow_water import DOMAIN_HALF_WIDTH, ShallowWaterGenerator
-
-from beamvq.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

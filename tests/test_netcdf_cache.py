@@ -5,11 +5,13 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-import beamvq.datamodules.netcdf as netcdf
 import numpy as np
 import pytest
 import torch
 import xarray as xr
+from torch.utils.data import DataLoader
+
+import beamvq.datamodules.netcdf as netcdf
 from beamvq.datamodules.era5 import generate_era5_like, pack_encoding, write_era5_like
 from beamvq.datamodules.io import write_netcdf
 from beamvq.datamodules.netcdf import (
@@ -19,7 +21,6 @@ from beamvq.datamodules.netcdf import (
     WindowDataset,
     collate_windows,
 )
-from torch.utils.data import DataLoader
 
 SMALL = dict(n_times=32, resolution_deg=22.5, levels=(500.0, 850.0))
 
@@ -200,6 +201,12 @@ def test_batched_gather_matches_items(tmp_path: Path, era5_file: str) -> None:
             torch.testing.assert_close(a, b, rtol=0, atol=0)
         # the datamodule's loaders use the pass-through collate; the pool falls back to per item
         assert dm.train_dataloader().collate_fn is collate_windows
-        dm.add_to_pool(batch.x[:2], batch.y[:2], torch.tensor([1.0, 2.0]))
+        dm.pool.add(
+            batch.x[:2],
+            batch.y[:2],
+            torch.tensor([1.0, 2.0]),
+            torch.zeros(2, dtype=torch.long),
+            batch.index[:2],
+        )
         mixed = list(dm.train_dataloader())
         assert sum(int((b.index == -1).sum()) for b in mixed) == 2

@@ -20,9 +20,6 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import xarray as xr
-from beamvq.callbacks.beam_search import BeamSearchAugmentation
-from beamvq.datamodules.netcdf import NetCDFDataModule
-from beamvq.datamodules.synthetic import write_navier_stokes
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
@@ -30,8 +27,11 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from beamvq import metrics
 from beamvq.backbones import ResNet, SimVPv2
 from beamvq.bottleneck import VQBottleneck
+from beamvq.callbacks.beam_search import BeamSearchAugmentation
 from beamvq.checkpoint_io import AtomicCheckpointIO, stale_temp_files
 from beamvq.cli import BeamVQCLI, console_main, main, start_wandb
+from beamvq.datamodules.netcdf import NetCDFDataModule
+from beamvq.datamodules.synthetic import write_navier_stokes
 from beamvq.metrics import NegMSEScorer
 from beamvq.module import ForecastMetrics, ForecastModule, collect_rng_state, restore_rng_state
 from beamvq.quant import QuantRecipe, convert_to_quantized
@@ -91,7 +91,7 @@ def _fit_metrics(ns_file: Path, seed: int) -> tuple[dict[str, float], dict[str, 
     trainer = make_trainer(2, [augment])
     trainer.fit(module, dm)
     values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    assert dm.pool_size > 0  # BeamVQ was on
+    assert dm.pool.size > 0  # BeamVQ was on
     return values, params_of(module)
 
 

@@ -102,8 +102,8 @@ class Probe(pl.Callback):
         torch.save(
             {
                 "metrics": metrics,
-                "pool_x": dm.pool_x,
-                "pool_y": dm.pool_y,
+                "pool_x": dm.pool.samples().x,
+                "pool_y": dm.pool.samples().y,
                 "codebook": pl_module.model.bottleneck.codebook.detach().clone(),
                 "state_dict": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
                 "skipped": pl_module.skipped_batches,

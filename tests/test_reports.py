@@ -16,6 +16,11 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from PIL import Image
+from pytorch_lightning.loggers import WandbLogger
+from wandb.proto import wandb_internal_pb2 as pb
+
+from beamvq import summary
 from beamvq.callbacks.beam_search import EpochRecord
 from beamvq.callbacks.plots import ForecastImageLogger, save_figure
 from beamvq.callbacks.reports import (
@@ -26,18 +31,13 @@ from beamvq.callbacks.reports import (
     WandbArtifacts,
     augmentation_figure,
     code_usage,
-    find_truth,
     lead_table,
     markdown_table,
+    pool_truths,
 )
+from beamvq.cli import main
 from beamvq.datamodules.netcdf import NetCDFDataModule
 from beamvq.datamodules.synthetic import write_navier_stokes
-from PIL import Image
-from pytorch_lightning.loggers import WandbLogger
-from wandb.proto import wandb_internal_pb2 as pb
-
-from beamvq import summary
-from beamvq.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = """
@@ -340,15 +340,19 @@ def test_augmentation_panel_without_truth(tmp_path: Path) -> None:
     assert _variance(save_figure(fig, tmp_path / "a.png", 60)) > 100.0
 
 
-def test_find_truth_matches_training_windows(tmp_path: Path) -> None:
+def test_pool_truths_come_from_the_recorded_source(tmp_path: Path) -> None:
     path = write_navier_stokes(tmp_path / "ns.nc", n_trajectories=4, resolution=16, n_frames=10)
     dm = NetCDFDataModule(path=str(path), variables=["vorticity"], in_steps=3, out_steps=3)
     dm.prepare_data()
     dm.setup("fit")
     ds = dm.dataset("train")
-    windows = [ds[i] for i in (1, len(ds) - 1)]
-    x = np.stack([w.x.numpy() for w in windows] + [np.zeros_like(windows[0].x.numpy())])
-    truth = find_truth(dm, x)
+    picked = [1, len(ds) - 1]
+    windows = [ds[i] for i in picked]
+    x = torch.stack([w.x for w in windows] + [torch.zeros_like(windows[0].x)])
+    y = torch.stack([w.y for w in windows] + [torch.zeros_like(windows[0].y)])
+    # two training windows (by index) and one unlabelled input (id 0): no pixel matching
+    dm.pool.add(x, y + 1.0, torch.zeros(3), torch.tensor([0, 0, 1]), torch.tensor([*picked, 0]))
+    truth = pool_truths(dm, dm.pool.samples())
     for w, t in zip(windows, truth[:2]):
         np.testing.assert_array_equal(t, w.y.numpy())
     assert truth[2] is None  # an input with no recorded future

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import xarray as xr
+
 from beamvq.datamodules.storm import StormCells, generate_storm, render_cells, write_storm
 
 
