@@ -455,7 +455,7 @@ class ForecastModule(pl.LightningModule):
                 "(the beams expand into code-bank candidates)"
             )
         # the last step keeps the best M of (beams alive) x K trajectories
-        final = k * min(beam_width, k ** (steps - 1))
+        final = search.final_trajectories(k, beam_width, steps)
         if not 1 <= members <= final:
             raise ValueError(
                 f"model.predict_members={members} must be in [1, {final}] with "

@@ -44,6 +44,7 @@ __all__ = [
     "beam_search",
     "score_trajectories",
     "ENSEMBLE_MODES",
+    "final_trajectories",
     "standardize_scores",
     "ensemble_weights",
     "ensemble",
@@ -63,6 +64,13 @@ class BeamResult(NamedTuple):
 class TrajectoryScores(NamedTuple):
     scores: Tensor  # (B, k) accumulated
     step_scores: Tensor  # (B, k, rollout_steps)
+
+
+def final_trajectories(k: int, beam_width: int, rollout_steps: int) -> int:
+    """How many trajectories the last step of a beam search ranks: the beams alive then
+    (``min(beam_width, k^(rollout_steps-1))``) times ``k`` candidates each. ``top_k`` (the
+    trajectories kept and combined) can be at most this."""
+    return int(k) * min(int(beam_width), int(k) ** (int(rollout_steps) - 1))
 
 
 def _identity(t: Tensor) -> Tensor:

@@ -316,7 +316,7 @@ class BeamSearchAugmentation(pl.Callback):
                 f"expand into code-bank candidates); got candidate_k={k}, bottleneck={bottleneck}"
             )
         steps = int(pl_module.rollout_steps)
-        final = k * min(self.beam_width, k ** (steps - 1))
+        final = search.final_trajectories(k, self.beam_width, steps)
         if self.top_k > final:
             raise ValueError(
                 f"BeamSearchAugmentation: top_k={self.top_k} exceeds the {final} trajectories of "
