@@ -65,7 +65,7 @@ import yaml
 from jsonargparse import ArgumentError, ArgumentParser
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count
 
-from beamvq.backbones import REGISTRY
+from beamvq.backbones import REGISTRY, backbone_class
 from beamvq.backbones.base import Backbone, count_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,10 +135,13 @@ def build_backbone(path: Path) -> Backbone:
 
 
 def grid_of(path: Path) -> tuple[int, int]:
-    """``(height, width)`` fixed by the YAML, else the benchmarks' 64x64."""
-    init_args = backbone_section(path).get("init_args") or {}
-    if "height" in init_args and "width" in init_args:
-        return int(init_args["height"]), int(init_args["width"])
+    """``(height, width)`` fixed by the YAML of a grid-bound backbone, else the benchmarks' 64x64."""
+    section = backbone_section(path)
+    grid_args = backbone_class(section["class_path"]).grid_args
+    if grid_args:
+        init_args = section.get("init_args") or {}
+        height, width = (int(init_args[a]) for a in grid_args)
+        return height, width
     return DEFAULT_GRID
 
 

@@ -79,7 +79,7 @@ from jsonargparse import ArgumentParser
 from torch import Tensor
 
 from beamvq import metrics
-from beamvq.backbones import REGISTRY
+from beamvq.backbones import REGISTRY, backbone_class
 from beamvq.backbones.base import Backbone
 from beamvq.bottleneck import VQBottleneck
 from beamvq.callbacks.beam_search import BeamSearchAugmentation
@@ -193,8 +193,7 @@ def build_backbone(name: str, p: Protocol) -> Backbone:
     section = yaml.safe_load(path.read_text())["model"]["backbone"]
     args = dict(section.get("init_args") or {})
     args.update(in_steps=p.in_steps, out_steps=p.out_steps, in_channels=1, out_channels=1)
-    if "height" in args:
-        args.update(height=p.resolution, width=p.resolution)
+    args.update(backbone_class(section["class_path"]).grid_kwargs(p.resolution, p.resolution))
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(Backbone, "backbone", required=True)
     cfg = parser.parse_object(

@@ -41,7 +41,7 @@ from lightning_fabric.utilities.apply_func import move_data_to_device
 
 from beamvq.cli import BeamVQCLI
 from beamvq.module import ForecastModule
-from beamvq.quant import QuantPrecision
+from beamvq.quant import QuantConfig, QuantPrecision
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -50,10 +50,10 @@ PRECISION = ROOT / "configs" / "precision"
 
 def _yaml_args(name: str) -> dict[str, Any]:
     cfg = yaml.safe_load((PRECISION / name).read_text())
-    return dict(cfg["trainer"]["strategy"].get("init_args", {}))
+    return dict(cfg["trainer"]["strategy"].get("init_args", {}).get("quant", {}))
 
 
-# (row name, QuantPrecision arguments); the first row is the reference
+# (row name, QuantConfig fields); the first row is the reference
 CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("fp32", {"backend": "none", "offload_alpha": None}),
     ("fp8_e4m3_sim", _yaml_args("fp8_e4m3_sim.yaml")),
@@ -72,7 +72,7 @@ class Run:
     ) -> None:
         self.name = name
         self.model = copy.deepcopy(base)
-        self.plugin = QuantPrecision(**kwargs)
+        self.plugin = QuantPrecision(QuantConfig(**kwargs))
         self.plugin.device = device
         self.plugin.convert_module(self.model)
         self.model.to(device).train()

@@ -66,15 +66,107 @@ def test_eval_never_changes_the_code_bank() -> None:
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_training_moves_codes_by_ema_and_gives_commitment() -> None:
+def test_training_step_is_the_exact_ema_update() -> None:
+    """One training step against vector-quantize-pytorch 1.32.0's EMA, computed by hand.
+
+    The library keeps an EMA of each code's cluster size ``N`` and of the sum ``m`` of the
+    latents assigned to it (``lerp`` by ``1 - decay``), then sets each code to
+    ``m / N~`` with the Laplace-smoothed size ``N~ = (N + eps) / (sum N + K eps) * sum N``
+    (``eps = 1e-5``). The step quantizes with the codes before the update.
+    """
     b = hand_made().train()
+    # a consistent EMA state for the hand-made codes: N = 1 each, m = the codes themselves
+    b.vq._codebook.cluster_size.fill_(1.0)
+    b.vq._codebook.embed_avg.copy_(CODES[None])
     z = latent().requires_grad_(True)
     q = b(z)
-    assert q.aux_loss.item() > 0
-    # the EMA moved code 1 toward (0.9, 0.2) by (1 - 0.99) of the gap (up to the Laplace smoothing)
-    assert not torch.equal(b.codebook, CODES)
+    tokens = latent()[0].t().double()  # (3, 2): assigned to codes 1, 2, 3
+    assert q.indices.tolist() == [[1, 2, 3]]
+    # the output and the commitment use the codes before the update
+    torch.testing.assert_close(q.z_q.detach(), CODES[[1, 2, 3]].t()[None])
+    commitment = 0.25 * ((tokens - CODES[[1, 2, 3]].double()) ** 2).mean()
+    torch.testing.assert_close(q.aux_loss.double(), commitment)  # 0.25 * 0.71 / 6
+
+    decay, eps, n_codes = 0.99, 1e-5, 4
+    counts = torch.tensor([0.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    sums = torch.zeros(4, 2, dtype=torch.float64)
+    sums[1:] = tokens
+    size = decay * 1.0 + (1 - decay) * counts  # [0.99, 1, 1, 1]
+    avg = decay * CODES.double() + (1 - decay) * sums
+    smoothed = (size + eps) / (size.sum() + n_codes * eps) * size.sum()
+    expected = avg / smoothed[:, None]
+    # e.g. code 1 moved from (1, 0) toward (0.9, 0.2) by 1 % of the gap: (0.999, 0.002)
+    torch.testing.assert_close(expected[1], torch.tensor([0.999, 0.002], dtype=torch.float64))
+    torch.testing.assert_close(b.codebook.double(), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(b.vq._codebook.cluster_size[0].double(), size)
+    torch.testing.assert_close(b.vq._codebook.embed_avg[0].double(), avg)
+    # code 0, assigned nothing, decays in size only: m stays 0, so it stays at the origin
+    assert b.codebook[0].tolist() == [0.0, 0.0]
+
+    # straight-through plus the commitment gradient: 1 + 0.25 * 2 (z - q) / 6
     (q.z_q.sum() + q.aux_loss).backward()
-    assert z.grad is not None and torch.all(torch.isfinite(z.grad))
+    q_codes = CODES[[1, 2, 3]].t()[None]
+    torch.testing.assert_close(z.grad, 1 + 0.25 * 2 * (latent() - q_codes) / 6)
+
+
+def projected(codebook_dim: int = 2) -> VQBottleneck:
+    """dim 3 -> codebook_dim 2 with hand-set projections and codes (no k-means, no expiry)."""
+    b = VQBottleneck(
+        dim=3, codebook_size=4, codebook_dim=codebook_dim, kmeans_init=False,
+        threshold_ema_dead_code=0,
+    )  # fmt: skip
+    with torch.no_grad():
+        proj_in, proj_out = b.vq.project_in, b.vq.project_out
+        proj_in.weight.copy_(torch.tensor([[1.0, 0.0, 1.0], [0.0, 2.0, -1.0]]))
+        proj_in.bias.copy_(torch.tensor([0.5, 0.0]))
+        proj_out.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, -1.0]]))
+        proj_out.bias.copy_(torch.tensor([0.0, 0.25, -0.5]))
+    b.vq.codebook = CODES.clone()
+    return b
+
+
+def test_codebook_dim_projects_in_and_out() -> None:
+    b = projected().eval()
+    assert b.codebook.shape == (4, 2) and b.dim == 3
+    z = torch.tensor([[[0.2, -1.0, 2.0, 0.0], [0.1, 0.5, 1.0, 0.3], [0.3, 0.4, 0.5, -0.2]]])
+    z = z.reshape(1, 3, 2, 2)  # (B, D=3, H=2, W=2): four positions
+    # by hand, in float64: project in, distances to the codes, nearest codes, project out
+    tokens = z.double().flatten(2)[0].t()  # (4, 3)
+    w_in = torch.tensor([[1.0, 0.0, 1.0], [0.0, 2.0, -1.0]], dtype=torch.float64)
+    w_out = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    inner = tokens @ w_in.t() + torch.tensor([0.5, 0.0], dtype=torch.float64)
+    dist = ((inner[:, None, :] - CODES.double()[None]) ** 2).sum(-1)  # (4 positions, 4 codes)
+    order = dist.argsort(dim=-1)
+    codes_out = CODES.double() @ w_out.t() + torch.tensor([0.0, 0.25, -0.5], dtype=torch.float64)
+    q = b(z)
+    assert q.indices.shape == (1, 2, 2)
+    assert q.indices.flatten().tolist() == order[:, 0].tolist()
+    assert q.z_q.shape == z.shape
+    torch.testing.assert_close(q.z_q.double().flatten(2)[0].t(), codes_out[order[:, 0]])
+    cands = b.topk(z, 3)
+    assert cands.shape == (1, 3, 3, 2, 2)
+    for i in range(3):
+        got = cands[0, i].double().flatten(1).t()  # (positions, D)
+        torch.testing.assert_close(got, codes_out[order[:, i]])
+    assert b.topk_indices(z, 3).flatten(2)[0].t().tolist() == order[:, :3].tolist()
+    # the candidates differ from each other, and candidate 0 is the forecast
+    assert all(not torch.allclose(cands[:, i], cands[:, j]) for i, j in ((0, 1), (0, 2), (1, 2)))
+    torch.testing.assert_close(cands[:, 0], q.z_q)
+
+
+def test_codebook_dim_trains_the_projections_not_the_codes() -> None:
+    b = projected().train()
+    z = torch.randn(2, 3, 4, 4, requires_grad=True)
+    q = b(z)
+    assert q.z_q.shape == z.shape and q.indices.shape == (2, 4, 4)
+    (q.z_q.square().mean() + q.aux_loss).backward()
+    proj_in, proj_out = b.vq.project_in, b.vq.project_out
+    assert proj_in.weight.grad.abs().sum() > 0 and proj_out.weight.grad.abs().sum() > 0
+    assert z.grad.abs().sum() > 0
+    # the only learned parameters are the projections; the codes are EMA buffers
+    assert {n for n, _ in b.named_parameters()} == {
+        "vq.project_in.weight", "vq.project_in.bias", "vq.project_out.weight", "vq.project_out.bias"
+    }  # fmt: skip
 
 
 def test_bad_arguments() -> None:

@@ -60,15 +60,11 @@ def search_start_epoch() -> int:
 
 
 def backbone_grid_args(name: str) -> list[str]:
-    """Backbones built for one grid (``height``/``width`` in their YAML) get the test's grid."""
-    config = yaml.safe_load((ROOT / "configs" / "backbones" / f"{name}.yaml").read_text())
-    init_args = config["model"]["backbone"]["init_args"]
-    if "height" not in init_args:
-        return []
+    """Backbones built for one grid (``Backbone.grid_args``) get the test's grid."""
+    grid = REGISTRY[name].grid_kwargs(GRID, GRID)
     return [
-        "--model.backbone.init_args.height", str(GRID),
-        "--model.backbone.init_args.width", str(GRID),
-    ]  # fmt: skip
+        a for key, value in grid.items() for a in (f"--model.backbone.init_args.{key}", str(value))
+    ]
 
 
 @pytest.mark.parametrize("name", list(REGISTRY))

@@ -1,82 +1,103 @@
-"""Project rules that code review would otherwise have to catch (DESIGN.md, 'Import direction')."""
+"""Project rules that code review would otherwise have to catch (DESIGN.md, 'Import direction').
+
+The import direction is import-linter's job (contracts in pyproject.toml, run by
+``.ci/run`` through ``.ci/lint_imports.py``); the test here proves that those contracts pass
+and that each of them fails on a violation. What import-linter cannot express is one scan over
+every file: no ``print`` in library code, and no ``lightning`` import in the tests and
+benchmarks (which are not packages import-linter analyses).
+"""
 
 from __future__ import annotations
 
 import ast
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("beamvq", "datamodules", "callbacks")
+LIBRARY = ("beamvq", "datamodules", "callbacks")
+SCRIPTS = ("tests", "benchmarks")
+LINT = ROOT / ".ci" / "lint_imports.py"
 
 
-def imports(path: Path) -> list[str]:
-    tree = ast.parse(path.read_text(), filename=str(path))
-    names: list[str] = []
+def _lint(root: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(LINT), "--root", str(root)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+
+
+def _imported(tree: ast.AST) -> list[tuple[int, str]]:
+    found: list[tuple[int, str]] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names += [a.name for a in node.names]
+            found += [(node.lineno, a.name) for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module in (
-                "beamvq",
-                "beamvq.datamodules",
-                "beamvq.callbacks",
-            ):  # `from beamvq import search` imports beamvq.search
-                names += [f"{node.module}.{a.name}" for a in node.names]
-            else:
-                names.append(node.module)
-    return names
+            found.append((node.lineno, node.module))
+    return found
 
 
-def files(package: str) -> list[Path]:
-    return sorted((ROOT / package).rglob("*.py"))
-
-
-@pytest.mark.parametrize("path", files("beamvq"), ids=lambda p: str(p.relative_to(ROOT)))
-def test_model_side_never_imports_data_or_callbacks(path: Path) -> None:
-    if path.name == "cli.py":
-        return
-    bad = [n for n in imports(path) if n.startswith(("beamvq.datamodules", "beamvq.callbacks"))]
-    assert not bad, f"{path}: imports {bad}"
-
-
-@pytest.mark.parametrize("path", files("datamodules"), ids=lambda p: str(p.relative_to(ROOT)))
-def test_datamodules_never_import_the_module(path: Path) -> None:
-    bad = [n for n in imports(path) if n.startswith(("beamvq.module", "beamvq.callbacks"))]
-    assert not bad, f"{path}: imports {bad}"
-
-
-@pytest.mark.parametrize("path", files("callbacks"), ids=lambda p: str(p.relative_to(ROOT)))
-def test_callbacks_use_only_search_and_metrics_from_the_model_side(path: Path) -> None:
-    bad = [
-        n
-        for n in imports(path)
-        if n.split(".")[0] == "beamvq"
-        and n not in ("beamvq.search", "beamvq.metrics", "beamvq.protocols")
-        and not n.startswith(("beamvq.callbacks", "beamvq.datamodules.io"))
+def _offences(path: Path, library: bool) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    where = path.relative_to(ROOT)
+    found = [
+        f"{where}:{line}: imports {name}; use pytorch_lightning"
+        for line, name in _imported(tree)
+        if name.split(".")[0] == "lightning"
     ]
-    assert not bad, f"{path}: imports {bad}"
+    if library:
+        found += [
+            f"{where}:{n.lineno}: print(); use logging or rank_zero_info"
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "print"
+        ]
+    return found
 
 
-@pytest.mark.parametrize(
-    "path",
-    [p for pkg in (*PACKAGES, "tests", "benchmarks") for p in sorted((ROOT / pkg).rglob("*.py"))],
-    ids=lambda p: str(p.relative_to(ROOT)),
-)
-def test_lightning_only_as_pytorch_lightning(path: Path) -> None:
-    bad = [n for n in imports(path) if n.split(".")[0] == "lightning"]
-    assert not bad, f"{path}: imports {bad}; use pytorch_lightning"
+def test_source_scan_no_print_in_library_no_lightning_anywhere() -> None:
+    offences: list[str] = []
+    for folder in (*LIBRARY, *SCRIPTS):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            offences += _offences(path, library=folder in LIBRARY)
+    assert not offences, "\n".join(offences)
 
 
-@pytest.mark.parametrize(
-    "path", [p for pkg in PACKAGES for p in files(pkg)], ids=lambda p: str(p.relative_to(ROOT))
-)
-def test_no_print_in_library_code(path: Path) -> None:
-    tree = ast.parse(path.read_text())
-    calls = [
-        n.lineno
-        for n in ast.walk(tree)
-        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "print"
-    ]
-    assert not calls, f"{path}: print() at lines {calls}; use logging"
+def test_import_contracts_hold_and_each_fails_on_a_violation(tmp_path: Path) -> None:
+    ok = _lint(ROOT)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "0 broken" in ok.stdout
+
+    # a copy of the sources with one violation of every contract
+    for folder in LIBRARY:
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__py*"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    violations = {
+        # model side -> callbacks; model side -> datamodules; model side -> CLI
+        "beamvq/model.py": "import beamvq.callbacks.plots\nimport beamvq.datamodules.pool\n",
+        "beamvq/search.py": "from beamvq import cli\n",
+        # datamodules -> module
+        "datamodules/pool.py": "import beamvq.module\n",
+        # callbacks -> a model-side module that did not exist when the contract was written
+        "callbacks/plots.py": "from beamvq import brand_new\n",
+        "beamvq/metrics.py": "import lightning.pytorch\n",
+    }
+    (tmp_path / "beamvq" / "brand_new.py").write_text('"""A new model-side module."""\n')
+    for name, line in violations.items():
+        path = tmp_path / name
+        path.write_text(path.read_text() + line)
+    bad = _lint(tmp_path)
+    assert bad.returncode != 0
+    assert "0 kept, 6 broken" in bad.stdout, bad.stdout
+    for chain in (
+        "beamvq.model -> beamvq.callbacks.plots",
+        "beamvq.model -> beamvq.datamodules.pool",
+        "beamvq.search -> beamvq.cli",
+        "beamvq.datamodules.pool -> beamvq.module",
+        "beamvq.callbacks.plots -> beamvq.brand_new",
+        "beamvq.metrics -> lightning",
+    ):
+        assert chain in bad.stdout, (chain, bad.stdout)

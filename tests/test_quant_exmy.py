@@ -102,7 +102,8 @@ def test_e5m2_bit_exact_with_torch(native: bool) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["e2m1", "e3m2", "e2m3", "e4m3", "e4m3fn", "e5m2ieee", "e1m2", "e3m4", "e6m1fn", "e5m10ieee"],
+    ["e2m1", "e3m2", "e2m3", "e4m3", "e4m3fn", "e5m2ieee", "e1m2", "e3m4", "e6m1fn", "e5m10ieee"]
+    + ["e2m0", "e3m0", "e4m0", "e5m0", "e6m0", "e4m0ieee", "e3m0fn"],
 )
 def test_matches_enumeration_reference(name: str) -> None:
     fmt = FloatFormat.parse(name)
@@ -125,12 +126,16 @@ def test_float64_inputs_use_exact_path() -> None:
     assert torch.equal(round_to_format(x, fmt), _reference(x, fmt))
 
 
-def test_mantissa_free_format_ties_go_up() -> None:
-    # E3M0: powers of two only (smallest 0.25, no subnormals but 0); a tie (1.5 * 2^e) rounds
-    # to the larger power, the tie between 0 and the smallest normal to 0
+def test_mantissa_free_format_ties_go_to_the_even_code() -> None:
+    # E3M0 (bias 3): codes 0..7 are 0, 0.25, 0.5, 1, 2, 4, 8, 16. A tie 1.5 * 2^b lies between
+    # codes b+3 and b+4: 1.5 (1 = code 3, 2 = code 4) -> 2; 3 (2 = code 4, 4 = code 5) -> 2;
+    # 0.75 (0.5 = code 2, 1 = code 3) -> 0.5; 6 (4 = code 5, 8 = code 6) -> 8; 0.375 -> 0.5;
+    # the tie between 0 and the smallest normal (0.125) -> 0
     fmt = FloatFormat(3, 0)
-    x = torch.tensor([1.5, 3.0, 0.75, 1.4, 1.6, 0.2, 0.125, 0.0625])
-    assert round_to_format(x, fmt).tolist() == [2.0, 4.0, 1.0, 1.0, 2.0, 0.25, 0.0, 0.0]
+    x = torch.tensor([1.5, 3.0, 0.75, 6.0, 0.375, 12.0, 1.4, 1.6, 0.2, 0.125, 0.0625, -3.0])
+    expected = [2.0, 2.0, 0.5, 8.0, 0.5, 8.0, 1.0, 2.0, 0.25, 0.0, 0.0, -2.0]
+    assert round_to_format(x, fmt).tolist() == expected
+    assert _round_exact(x.double(), fmt).tolist() == expected
 
 
 @pytest.mark.parametrize("name", ["e4m3", "e4m3fn", "e5m2ieee", "e2m1"])
@@ -194,3 +199,48 @@ def test_fake_quantize_straight_through() -> None:
     assert torch.equal(y, quantize(x.detach(), FloatFormat(2, 1), "block", 4))
     (y * torch.arange(8.0)).sum().backward()
     assert torch.equal(x.grad, torch.arange(8.0).expand(3, 8))
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
+@pytest.mark.parametrize(
+    "dtype,name",
+    [(torch.bfloat16, "e4m3fn"), (torch.float16, "e4m3fn"), (torch.bfloat16, "e2m1")]
+    # formats whose largest value is no fp16 number: x * S must not be formed in fp16
+    + [(torch.float16, "e5m2"), (torch.float16, "e8m7ieee"), (torch.float16, "e6m2")],
+)
+def test_half_inputs_are_scaled_in_float32(dtype: torch.dtype, name: str, granularity: str) -> None:
+    fmt = FloatFormat.parse(name)
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(16, 64, generator=g) * 3.0).to(dtype)
+    got = quantize(x, fmt, granularity, block_size=16)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    # reference: x * S and q / S in float32 (as for float32 inputs), rounding by enumeration,
+    # one cast to the input dtype at the end
+    xf = x.float()
+    if granularity == "block":
+        xf = xf.reshape(16, 4, 16)
+    amax = xf.abs().amax() if granularity == "tensor" else xf.abs().amax(-1, keepdim=True)
+    scale = fmt.max_value / amax
+    ref = (_reference(xf * scale, fmt) / scale).reshape(16, 64).to(dtype)
+    assert torch.equal(got.view(torch.int16), ref.view(torch.int16))
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
+@pytest.mark.parametrize("shift", [100, 123, 130, 140])
+def test_tiny_blocks_are_quantized_like_their_normal_copies(granularity: str, shift: int) -> None:
+    # values with few significant bits, so that x * 2^-shift is exact even as a float32
+    # subnormal; scaling by a power of two commutes with scaled quantization
+    fmt = FloatFormat(4, 3, "fn")
+    g = torch.Generator().manual_seed(shift)
+    normal = torch.randint(-(2**8), 2**8, (4, 32), generator=g).float() / 2**8
+    tiny = normal * 2.0**-shift
+    assert torch.equal(tiny.double() * 2.0**shift, normal.double())
+    got = quantize(tiny, fmt, granularity, block_size=8)
+    expected = quantize(normal, fmt, granularity, block_size=8) * 2.0**-shift
+    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+    assert (got != 0).sum() >= 0.9 * (tiny != 0).sum()
+    # and in float64, where the scale of blocks below about 1e-306 overflowed the same way
+    tiny64 = normal.double() * 2.0**-1000
+    got64 = quantize(tiny64, fmt, granularity, block_size=8)
+    expected64 = quantize(normal.double(), fmt, granularity, block_size=8) * 2.0**-1000
+    assert torch.equal(got64, expected64)

@@ -17,7 +17,7 @@ connections, recurrent state): a tensor, or a tuple/dict of tensors, each with b
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 from torch import Tensor, nn
 
@@ -35,9 +35,24 @@ class Backbone(nn.Module, ABC):
     Subclasses call ``super().__init__(in_steps, out_steps, in_channels, out_channels)`` and set
     ``self.latent_dim`` (channel width of ``Encoded.z``). Constructors take flat typed arguments
     only: no config objects, no ``**kwargs``.
+
+    ``grid_args`` declares a grid-bound backbone (one built for one grid size, e.g. with
+    position embeddings): the names of its constructor arguments that take the grid's height
+    and width, in that order. Tests, benchmarks and configs that build a backbone for a grid
+    use :meth:`grid_kwargs` instead of guessing from the signature.
     """
 
     latent_dim: int
+    grid_args: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def grid_kwargs(cls, height: int, width: int) -> dict[str, int]:
+        """Constructor arguments for a ``height x width`` grid (empty for grid-free backbones)."""
+        if cls.grid_args and len(cls.grid_args) != 2:
+            raise TypeError(
+                f"{cls.__name__}.grid_args must name (height, width), got {cls.grid_args}"
+            )
+        return dict(zip(cls.grid_args, (int(height), int(width))))
 
     def __init__(self, in_steps: int, out_steps: int, in_channels: int, out_channels: int) -> None:
         super().__init__()

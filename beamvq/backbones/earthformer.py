@@ -618,6 +618,8 @@ class Earthformer(Backbone):
             projections, and in the FFNs (0.1 each in the paper's SEVIR run).
     """
 
+    grid_args = ("height", "width")  # built for one grid (learned position embeddings)
+
     def __init__(
         self,
         in_steps: int,

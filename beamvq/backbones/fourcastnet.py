@@ -76,6 +76,8 @@ class FourCastNet(Backbone):
         hard_thresholding_fraction: fraction of Fourier modes AFNO keeps per axis (1.0).
     """
 
+    grid_args = ("height", "width")  # built for one grid (learned position embeddings)
+
     def __init__(
         self,
         in_steps: int,

@@ -6,6 +6,7 @@ References: Scaling Laws for Floating-Point Quantization Training (arXiv 2501.02
 formats and the law, MEMO (arXiv 2407.12117) for the offload.
 """
 
+from beamvq.quant.config import QuantConfig
 from beamvq.quant.convert import ConversionReport, convert_to_quantized, revert_quantized
 from beamvq.quant.exmy import FloatFormat, fake_quantize, quantize, round_to_format
 from beamvq.quant.fp8 import convert_float8, simulated_recipe
@@ -29,6 +30,7 @@ __all__ = [
     "FloatFormat",
     "OffloadStats",
     "OperandSpec",
+    "QuantConfig",
     "QuantLinear",
     "QuantPrecision",
     "QuantRecipe",

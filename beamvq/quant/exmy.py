@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from einops import rearrange
@@ -165,7 +165,8 @@ def round_to_format(x: Tensor, fmt: FloatFormat, native: bool = True) -> Tensor:
     """
     key = (fmt.exp_bits, fmt.man_bits, fmt.special)
     if native and key in _NATIVE and x.dtype in _HALF_OR_SINGLE:
-        return x.clamp(-fmt.max_value, fmt.max_value).to(_NATIVE[key]).to(x.dtype)
+        # clamp in float32: FPmax of E5M2/bf16 is no fp16 number (a clamp in fp16 raises)
+        return x.float().clamp_(-fmt.max_value, fmt.max_value).to(_NATIVE[key]).to(x.dtype)
     if x.dtype in _HALF_OR_SINGLE and fmt.work_dtype == torch.float32:
         return _round_float32(x.float(), fmt).to(x.dtype)
     return _round_exact(x, fmt)
@@ -181,7 +182,7 @@ def _round_float32(x: Tensor, fmt: FloatFormat) -> Tensor:
     biased.clamp_(min=fmt.emin + 127).sub_(fmt.man_bits)
     step = torch.bitwise_left_shift(biased, 23).view(torch.float32)
     # mag / step is exact (division by a power of two, result < 2^(M+1)); round_ is RNE
-    return mag.div_(step).round_().mul_(step).copysign_(x)
+    return _round_ratio(mag.div_(step), biased, fmt, -127).mul_(step).copysign_(x)
 
 
 def _round_exact(x: Tensor, fmt: FloatFormat) -> Tensor:
@@ -194,23 +195,71 @@ def _round_exact(x: Tensor, fmt: FloatFormat) -> Tensor:
     # below the normal range the step stays at the subnormal step 2^(emin - M)
     binade = (exponent - 1).clamp(min=fmt.emin)
     step = _pow2(binade - fmt.man_bits, work)
-    rounded = torch.round(mag / step) * step
+    rounded = _round_ratio(mag / step, binade, fmt, 0) * step
     out = torch.copysign(rounded, xw)
     return out.to(x.dtype) if out.dtype != x.dtype else out
+
+
+def _round_ratio(ratio: Tensor, exponent: Tensor, fmt: FloatFormat, offset: int) -> Tensor:
+    """Round ``|x| / step`` (a fresh tensor, rounded in place) to nearest, ties to the even code.
+
+    With ``M >= 1`` the codes of one binade are consecutive multiples of its step, so rounding
+    ``|x| / step`` half to even is ties-to-even on the codes. With ``M = 0`` a binade holds one
+    value ``2^b`` (code ``b + bias``): the tie ``1.5 * 2^b`` lies between codes ``b + bias`` and
+    ``b + bias + 1``, and ``round(1.5) = 2`` would always take the upper one. ``exponent +
+    offset`` is ``b``, the exponent of the step (the tie between 0 and the smallest normal,
+    ``0.5``, already rounds to 0 = code 0).
+    """
+    if fmt.man_bits > 0:
+        return ratio.round_()
+    lower_is_even = torch.remainder(exponent + (offset + fmt.bias), 2) == 0
+    tie_down = (ratio == 1.5) & lower_is_even
+    return ratio.round_().masked_fill_(tie_down, 1.0)
 
 
 def _finite_abs(x: Tensor) -> Tensor:
     return x.abs().nan_to_num_(nan=0.0, posinf=0.0)
 
 
-def _scale_from_amax(amax: Tensor, fmt: FloatFormat, scale_pow2: bool) -> Tensor:
-    scale = fmt.max_value / amax.to(torch.float32)
-    # an all-zero (or all non-finite) block needs no scaling; avoid inf/NaN scales
+class Scales(NamedTuple):
+    """``x * S`` as ``(x * pre) * scale``: ``pre`` is an exact power of two, 1 unless needed.
+
+    ``S = FPmax / amax`` overflows the work dtype for blocks with ``amax`` below about
+    ``FPmax / 3.4e38`` (about 1e-36 for E4M3 in float32); such a block is first scaled by
+    ``pre = 2^-e`` (``e`` the binary exponent of its ``amax``, capped so that ``pre`` is finite),
+    which is exact, and then by the finite ``FPmax / (amax * pre)``. For every other block
+    ``pre = 1`` and ``scale`` is exactly ``FPmax / amax`` as before.
+    """
+
+    pre: Tensor
+    scale: Tensor
+
+    def apply(self, x: Tensor, fmt: FloatFormat) -> Tensor:
+        """Quantize ``x`` (already in the work dtype) with these scales and scale back."""
+        return round_to_format(x * self.pre * self.scale, fmt) / self.scale / self.pre
+
+
+def _work_dtype(x: Tensor) -> torch.dtype:
+    """float32 for half and single inputs (``x * S`` is never rounded to fp16/bf16)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _scales(amax: Tensor, fmt: FloatFormat, scale_pow2: bool, work: torch.dtype) -> Scales:
+    amax = amax.to(work)
+    scale = fmt.max_value / amax
+    tiny = (amax > 0) & ~torch.isfinite(scale)
+    # frexp in float64 sees float32 subnormals as normal numbers: e = floor(log2 amax) + 1
+    _, exponent = torch.frexp(amax.double())
+    cap = 126 if work == torch.float32 else 1022
+    pre = torch.where(tiny, _pow2((-exponent).clamp(max=cap), work), torch.ones_like(amax))
+    scale = torch.where(tiny, fmt.max_value / (amax * pre), scale)
+    # an all-zero (or all non-finite) block needs no scaling; avoid inf/NaN scales (a format
+    # with FPmax near the work dtype's maximum can still overflow: it keeps scale 1)
     scale = torch.where((amax > 0) & torch.isfinite(scale), scale, torch.ones_like(scale))
     if scale_pow2:
         # round down so amax * S stays <= FPmax; power-of-two scales make x * S exact
         scale = torch.exp2(torch.floor(torch.log2(scale)))
-    return scale
+    return Scales(pre, scale)
 
 
 def quantize(
@@ -232,15 +281,16 @@ def quantize(
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if granularity == "none" or x.numel() == 0:
         return round_to_format(x, fmt)
+    work = _work_dtype(x)
     if granularity == "tensor":
-        scale = _scale_from_amax(_finite_abs(x).amax(), fmt, scale_pow2)
-        return (round_to_format(x * scale, fmt) / scale).to(x.dtype)
+        scales = _scales(_finite_abs(x).amax(), fmt, scale_pow2, work)
+        return scales.apply(x.to(work), fmt).to(x.dtype)
     if x.dim() == 0:
         raise ValueError(f"granularity {granularity!r} needs a tensor with at least one dim")
-    moved = x.movedim(dim, -1)
+    moved = x.movedim(dim, -1).to(work)
     if granularity == "channel":
-        scale = _scale_from_amax(_finite_abs(moved).amax(dim=-1, keepdim=True), fmt, scale_pow2)
-        out = round_to_format(moved * scale, fmt) / scale
+        amax = _finite_abs(moved).amax(dim=-1, keepdim=True)
+        out = _scales(amax, fmt, scale_pow2, work).apply(moved, fmt)
         return out.to(x.dtype).movedim(-1, dim)
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -249,8 +299,8 @@ def quantize(
     # zero padding does not change any block's max|x|
     padded = torch.nn.functional.pad(moved, (0, pad)) if pad else moved
     blocks = rearrange(padded, "... (nb b) -> ... nb b", b=block_size)
-    scale = _scale_from_amax(_finite_abs(blocks).amax(dim=-1, keepdim=True), fmt, scale_pow2)
-    out = round_to_format(blocks * scale, fmt) / scale
+    amax = _finite_abs(blocks).amax(dim=-1, keepdim=True)
+    out = _scales(amax, fmt, scale_pow2, work).apply(blocks, fmt)
     out = rearrange(out, "... nb b -> ... (nb b)")[..., :length]
     return out.to(x.dtype).movedim(-1, dim)
 

@@ -15,7 +15,8 @@ Lightning's ``StrategyRegistry`` when ``beamvq.quant`` is imported:
 ``fp8_offload_ddp_spawn``  DDP, ``start_method="spawn"``
 
 In YAML, ``trainer.strategy: {class_path: beamvq.quant.plugin.FP8OffloadStrategy, init_args:
-{...}}`` sets any argument (see ``configs/precision/``). The strategies add a
+{quant: {...}}}`` sets any field of :class:`beamvq.quant.config.QuantConfig` (see
+``configs/precision/``); on the command line ``--trainer.strategy.quant.fmt e3m2``. The strategies add a
 :class:`QuantStatsLogger` callback that logs the offload byte counters every step
 (``quant/kept_bytes``, ``quant/offloaded_bytes``, ``quant/recompute_bytes``,
 ``quant/fetched_bytes``).
@@ -27,7 +28,6 @@ plugins would be replaced silently otherwise, so the strategies refuse them with
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 from collections.abc import Generator
 from datetime import timedelta
@@ -39,76 +39,28 @@ from pytorch_lightning.plugins.precision import Precision
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
 from torch import nn
 
+from beamvq.quant.config import QuantConfig
 from beamvq.quant.convert import ConversionReport, convert_to_quantized
-from beamvq.quant.fp8 import RECIPES, convert_float8
-from beamvq.quant.layers import QuantRecipe
+from beamvq.quant.fp8 import convert_float8
 from beamvq.quant.offload import ActivationOffload, OffloadStats
 
 log = logging.getLogger(__name__)
-
-BACKENDS: tuple[str, ...] = ("simulate", "torchao", "none")
 
 
 class QuantPrecision(Precision):
     """Quantize GEMM operands (simulated ExMy or real FP8) and offload saved activations.
 
-    Args:
-        backend: ``"simulate"`` (ExMy fake quantization of Linear/Conv layers, any device),
-            ``"torchao"`` (real FP8 Linear layers on GPUs with compute capability >= 8.9;
-            elsewhere the simulated torchao recipe, with a logged warning), ``"none"``.
-        fmt, special: format of X/W operands (``"e4m3"`` + ``"fn"`` is OCP E4M3, max 448;
-            ``special="none"`` is the paper's convention, E4M3 max 480).
-        grad_fmt, grad_special: format of dY operands (``None``: same as ``fmt``).
-        targets: operand roles to quantize (``x, w, dy_dx, w_dx, dy_dw, x_dw``); ``None``: all.
-        granularity: ``"none"``, ``"tensor"``, ``"channel"`` or ``"block"`` scaling.
-        block_size: elements per scale for ``"block"``.
-        scale_pow2: round scales down to powers of two.
-        quantize_conv: also convert Conv/ConvTranspose layers; with ``"torchao"`` (which has no
-            FP8 convolution) they run the simulated torchao recipe.
-        torchao_recipe: ``"tensorwise"``, ``"rowwise"`` or ``"rowwise_with_gw_hp"``.
-        include, exclude: regular expressions on qualified layer names.
-        offload_alpha: fraction of each saved activation offloaded (rest recomputed);
-            ``None`` disables offload (saved bytes are still counted).
-        offload_modules: regular expressions selecting the modules whose calls may become
-            offload frames (``None``: every module inside the backbone; the outermost one
-            actually called becomes the frame).
-        token_dim: axis along which ``offload_alpha`` splits a saved activation.
+    ``quant``: what to quantize and offload (:class:`QuantConfig`; ``None``: its defaults, real
+    FP8 where possible and offload alpha = 1).
     """
 
-    def __init__(
-        self,
-        backend: str = "torchao",
-        fmt: str = "e4m3",
-        special: str = "fn",
-        grad_fmt: str | None = "e5m2",
-        grad_special: str = "ieee",
-        targets: list[str] | None = None,
-        granularity: str = "tensor",
-        block_size: int = 32,
-        scale_pow2: bool = False,
-        quantize_conv: bool = True,
-        torchao_recipe: str = "tensorwise",
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
-        offload_alpha: float | None = 1.0,
-        offload_modules: list[str] | None = None,
-        token_dim: int = -2,
-    ) -> None:
+    def __init__(self, quant: QuantConfig | None = None) -> None:
         super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if torchao_recipe not in RECIPES:
-            raise ValueError(f"torchao_recipe must be one of {RECIPES}, got {torchao_recipe!r}")
-        self.backend = backend
-        # built now so that a bad format or target fails when the config is parsed
-        self.recipe = QuantRecipe.build(
-            fmt, special, grad_fmt, grad_special, targets, granularity, block_size, scale_pow2
+        self.quant = quant if quant is not None else QuantConfig()
+        self.recipe = self.quant.recipe()
+        self.offload = ActivationOffload(
+            self.quant.offload_alpha, self.quant.offload_modules, self.quant.token_dim
         )
-        self.quantize_conv = quantize_conv
-        self.torchao_recipe = torchao_recipe
-        self.include = include
-        self.exclude = exclude
-        self.offload = ActivationOffload(offload_alpha, offload_modules, token_dim)
         self.device: torch.device | None = None
         self.report: ConversionReport | None = None
         self._module: nn.Module | None = None
@@ -116,16 +68,12 @@ class QuantPrecision(Precision):
     def convert_module(self, module: nn.Module) -> nn.Module:
         """Convert ``module`` in place (idempotent) and remember it for the step context."""
         self._module = module
-        if self.backend == "simulate":
+        quant = self.quant
+        if quant.backend == "simulate":
             self.report = convert_to_quantized(
-                module,
-                self.recipe,
-                self.include,
-                self.exclude,
-                linear=True,
-                conv=self.quantize_conv,
+                module, self.recipe, quant.include, quant.exclude, conv=quant.quantize_conv
             )
-        elif self.backend == "torchao":
+        elif quant.backend == "torchao":
             device = self.device
             if device is None:
                 device = (
@@ -134,7 +82,12 @@ class QuantPrecision(Precision):
                     else torch.device("cpu")
                 )
             self.report = convert_float8(
-                module, device, self.torchao_recipe, self.include, self.exclude, self.quantize_conv
+                module,
+                device,
+                quant.torchao_recipe,
+                quant.include,
+                quant.exclude,
+                quant.quantize_conv,
             )
         else:
             self.report = ConversionReport("none", [], [], [])
@@ -221,38 +174,18 @@ class _QuantStrategyMixin:
 class FP8OffloadStrategy(_QuantStrategyMixin, SingleDeviceStrategy):
     """One-device strategy with low-precision training and activation offload.
 
-    ``device``: ``None`` takes the Trainer's device (``accelerator``/``devices``). The other
-    arguments are those of :class:`QuantPrecision`.
+    ``device``: ``None`` takes the Trainer's device (``accelerator``/``devices``). ``quant``:
+    the :class:`QuantConfig` of its :class:`QuantPrecision` plugin (``None``: the defaults).
     """
 
     strategy_name = "fp8_offload"
 
-    def __init__(
-        self,
-        device: str | None = None,
-        backend: str = "torchao",
-        fmt: str = "e4m3",
-        special: str = "fn",
-        grad_fmt: str | None = "e5m2",
-        grad_special: str = "ieee",
-        targets: list[str] | None = None,
-        granularity: str = "tensor",
-        block_size: int = 32,
-        scale_pow2: bool = False,
-        quantize_conv: bool = True,
-        torchao_recipe: str = "tensorwise",
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
-        offload_alpha: float | None = 1.0,
-        offload_modules: list[str] | None = None,
-        token_dim: int = -2,
-    ) -> None:
-        quant = precision_from(locals())
-        self._quant = quant
+    def __init__(self, device: str | None = None, quant: QuantConfig | None = None) -> None:
+        self._quant = QuantPrecision(quant)
         self._device_arg = torch.device(device) if device is not None else None
         # filled by the Trainer with the devices it selected (accelerator / devices flags)
         self.parallel_devices: list[torch.device] | None = None
-        super().__init__(device=device or "cpu", precision_plugin=quant)
+        super().__init__(device=device or "cpu", precision_plugin=self._quant)
 
     @property
     def root_device(self) -> torch.device:
@@ -271,56 +204,29 @@ class FP8OffloadStrategy(_QuantStrategyMixin, SingleDeviceStrategy):
 class FP8OffloadDDPStrategy(_QuantStrategyMixin, DDPStrategy):
     """DDP strategy with low-precision training and activation offload.
 
-    The quantization/offload arguments are those of :class:`QuantPrecision`; the conversion
-    happens before the model is wrapped in ``DistributedDataParallel``.
+    ``quant`` is the :class:`QuantConfig` of its :class:`QuantPrecision` plugin; the conversion
+    happens before the model is wrapped in ``DistributedDataParallel``. The other arguments are
+    ``DDPStrategy``'s.
     """
 
     strategy_name = "fp8_offload_ddp"
 
     def __init__(
         self,
-        backend: str = "torchao",
-        fmt: str = "e4m3",
-        special: str = "fn",
-        grad_fmt: str | None = "e5m2",
-        grad_special: str = "ieee",
-        targets: list[str] | None = None,
-        granularity: str = "tensor",
-        block_size: int = 32,
-        scale_pow2: bool = False,
-        quantize_conv: bool = True,
-        torchao_recipe: str = "tensorwise",
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
-        offload_alpha: float | None = 1.0,
-        offload_modules: list[str] | None = None,
-        token_dim: int = -2,
+        quant: QuantConfig | None = None,
         find_unused_parameters: bool = False,
         start_method: str = "popen",
         process_group_backend: str | None = None,
         timeout: timedelta = timedelta(minutes=30),
     ) -> None:
-        quant = precision_from(locals())
-        self._quant = quant
+        self._quant = QuantPrecision(quant)
         super().__init__(
-            precision_plugin=quant,
+            precision_plugin=self._quant,
             process_group_backend=process_group_backend,
             timeout=timeout,
             start_method=start_method,  # type: ignore[arg-type]
             find_unused_parameters=find_unused_parameters,
         )
-
-
-def precision_from(arguments: dict[str, Any]) -> QuantPrecision:
-    """The ``QuantPrecision`` of a strategy's constructor arguments (its ``locals()``).
-
-    The strategies repeat ``QuantPrecision``'s arguments in their own signatures, flat and typed,
-    so that YAML and ``--trainer.strategy.init_args.*`` see them; this passes them on by name.
-    """
-    return QuantPrecision(**{name: arguments[name] for name in _PRECISION_ARGS})
-
-
-_PRECISION_ARGS = tuple(inspect.signature(QuantPrecision.__init__).parameters)[1:]
 
 
 def register_strategies() -> None:
