@@ -43,6 +43,7 @@ __all__ = [
     "TrajectoryScores",
     "beam_search",
     "score_trajectories",
+    "ACCUMULATE_MODES",
     "ENSEMBLE_MODES",
     "final_trajectories",
     "standardize_scores",
@@ -51,7 +52,7 @@ __all__ = [
     "select_improving",
 ]
 
-_ACCUMULATE = ("mean", "sum")
+ACCUMULATE_MODES = ("mean", "sum")
 
 
 class BeamResult(NamedTuple):
@@ -98,8 +99,8 @@ def _check_common(
         raise ValueError(f"x must be (B, T_in, C, H, W), got {tuple(x.shape)}")
     if rollout_steps < 1:
         raise ValueError(f"rollout_steps must be >= 1, got {rollout_steps}")
-    if accumulate not in _ACCUMULATE:
-        raise ValueError(f"accumulate must be one of {_ACCUMULATE}, got {accumulate!r}")
+    if accumulate not in ACCUMULATE_MODES:
+        raise ValueError(f"accumulate must be one of {ACCUMULATE_MODES}, got {accumulate!r}")
     if reference is None and _requires_reference(scorer):
         raise ValueError(f"{type(scorer).__name__} needs a reference but reference is None")
 

@@ -69,11 +69,11 @@ trainer:
         top_k: 2
         only_improving: false
         scorer: {{class_path: beamvq.metrics.NegMSEScorer}}
-    - class_path: beamvq.callbacks.plots.ForecastImageLogger
-    - class_path: beamvq.callbacks.reports.LeadTimeReport
-    - class_path: beamvq.callbacks.reports.CodebookUsageReport
-    - class_path: beamvq.callbacks.reports.AugmentationReport
-    - class_path: beamvq.callbacks.reports.WandbArtifacts
+    - class_path: beamvq.callbacks.forecast_images.ForecastImageLogger
+    - class_path: beamvq.callbacks.lead_time.LeadTimeReport
+    - class_path: beamvq.callbacks.codebook.CodebookUsageReport
+    - class_path: beamvq.callbacks.augmentation.AugmentationReport
+    - class_path: beamvq.callbacks.artifacts.WandbArtifacts
     - class_path: pytorch_lightning.callbacks.RichProgressBar
     - class_path: beamvq.callbacks.prediction_writer.NetCDFPredictionWriter
       init_args: {{output: {run}/predictions.nc}}
