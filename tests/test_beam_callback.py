@@ -312,6 +312,7 @@ def test_unlabelled_inputs_come_after_the_last_training_windows(ns_file: Path) -
         ({}, dict(reload_dataloaders_every_n_epochs=0), {}, "reload_dataloaders_every_n_epochs"),
         ({}, dict(reload_dataloaders_every_n_epochs=2), {}, "reload_dataloaders_every_n_epochs"),
         ({}, {}, dict(top_k=7), "top_k=7 exceeds"),
+        ({}, {}, dict(rollout_steps=1), "search.rollout_steps=1 but pseudo-targets must span"),
         (dict(candidate_k=1), {}, {}, "candidate_k >= 2"),
     ],
 )  # fmt: skip
@@ -324,6 +325,29 @@ def test_fails_before_training(
     with pytest.raises(ValueError, match=match):
         trainer.fit(module, SpyDataModule(str(ns_file)))
     assert trainer.global_step == 0
+
+
+class NoPoolData(pl.LightningDataModule):
+    """Windows but no augmented pool: not a beamvq.protocols.ForecastData."""
+
+    normalization = None
+    batch_size = 4
+
+    def training_windows(self, max_windows: int | None = None, seed: int = 0) -> None: ...
+
+
+def test_setup_names_what_the_datamodule_and_the_module_lack() -> None:
+    cb = BeamSearchAugmentation(NegMSEScorer())
+    trainer = make_trainer([cb], 1)
+    trainer.datamodule = NoPoolData()  # as Trainer.fit attaches it
+    with pytest.raises(TypeError, match=r"ForecastData; NoPoolData lacks \['info', 'pool', "):
+        cb.setup(trainer, make_module(), "fit")
+    trainer.datamodule = None
+    with pytest.raises(TypeError, match="needs a datamodule"):
+        cb.setup(trainer, make_module(), "fit")
+    trainer.datamodule = SpyDataModule(str(ROOT / "missing.nc"))
+    with pytest.raises(TypeError, match=r"SearchableModel; Linear lacks \['candidate_k', 'code"):
+        cb.setup(trainer, torch.nn.Linear(2, 2), "fit")  # type: ignore[arg-type]
 
 
 def test_unlabelled_windows_need_a_reference_free_scorer() -> None:
