@@ -98,16 +98,23 @@ class SearchConfig:
             errors.append(f"search.ensemble must be one of {search.ENSEMBLE_MODES}")
         if not self.temperature > 0:
             errors.append(f"search.temperature must be > 0, got {self.temperature}")
-        if not errors and self.candidate_k is not None and self.rollout_steps is not None:
-            final = search.final_trajectories(self.candidate_k, self.beam_width, self.rollout_steps)
-            if self.top_k > final:
-                errors.append(
-                    f"search.top_k={self.top_k} exceeds the {final} trajectories of the last step "
-                    f"(search.beam_width={self.beam_width}, candidate_k={self.candidate_k}, "
-                    f"rollout_steps={self.rollout_steps})"
-                )
+        if not errors:
+            errors += self._top_k_errors()
         if errors:
             raise ValueError("; ".join(errors))
+
+    def _top_k_errors(self) -> list[str]:
+        """``top_k`` against the trajectories of the last step, once K and the steps are known."""
+        if self.candidate_k is None or self.rollout_steps is None:
+            return []
+        final = search.final_trajectories(self.candidate_k, self.beam_width, self.rollout_steps)
+        if self.top_k <= final:
+            return []
+        return [
+            f"search.top_k={self.top_k} exceeds the {final} trajectories of the last step "
+            f"(search.beam_width={self.beam_width}, candidate_k={self.candidate_k}, "
+            f"rollout_steps={self.rollout_steps})"
+        ]
 
     def resolved(self, candidate_k: int, rollout_steps: int) -> SearchConfig:
         """This config with the model's ``candidate_k`` and ``rollout_steps`` where it leaves them

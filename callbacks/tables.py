@@ -40,8 +40,10 @@ class LeadTable(NamedTuple):
     by_threshold: dict[str, list[float]]
 
 
-def lead_table(metrics: Mapping[str, Any], prefix: str) -> LeadTable:
-    """Collect ``{prefix}/{name}_lead{t}`` and ``{prefix}/{csi|pod|sucr|bias}_{thr}`` keys."""
+def _collect(
+    metrics: Mapping[str, Any], prefix: str
+) -> tuple[dict[str, dict[int, float]], dict[str, dict[str, float]]]:
+    """``{name: {lead: value}}`` and ``{name: {threshold tag: value}}`` of ``prefix``'s keys."""
     per_lead: dict[str, dict[int, float]] = {}
     per_thr: dict[str, dict[str, float]] = {}
     lead_re = re.compile(rf"^{re.escape(prefix)}/(.+)_lead(\d+)$")
@@ -51,18 +53,23 @@ def lead_table(metrics: Mapping[str, Any], prefix: str) -> LeadTable:
             per_lead.setdefault(m.group(1), {})[int(m.group(2))] = float(value)
         elif m := thr_re.match(key):
             per_thr.setdefault(m.group(1), {})[m.group(2)] = float(value)
+    return per_lead, per_thr
+
+
+def _series(per: dict[str, dict[Any, float]], names: list[str], at: list[Any]) -> dict:
+    """``{name: [value at each of at]}`` (NaN where a key is missing), in the order of ``names``."""
+    return {n: [per[n].get(t, float("nan")) for t in at] for n in names}
+
+
+def lead_table(metrics: Mapping[str, Any], prefix: str) -> LeadTable:
+    """Collect ``{prefix}/{name}_lead{t}`` and ``{prefix}/{csi|pod|sucr|bias}_{thr}`` keys."""
+    per_lead, per_thr = _collect(metrics, prefix)
     leads = sorted({t for series in per_lead.values() for t in series})
     thresholds = sorted({t for series in per_thr.values() for t in series}, key=float)
     order = [n for n in LABELS if n in per_lead] + sorted(set(per_lead) - set(LABELS))
+    kinds = [n for n in THRESHOLD_METRICS if n in per_thr]
     return LeadTable(
-        leads,
-        {n: [per_lead[n].get(t, float("nan")) for t in leads] for n in order},
-        thresholds,
-        {
-            n: [per_thr[n].get(t, float("nan")) for t in thresholds]
-            for n in THRESHOLD_METRICS
-            if n in per_thr
-        },
+        leads, _series(per_lead, order, leads), thresholds, _series(per_thr, kinds, thresholds)
     )
 
 

@@ -32,6 +32,12 @@ class PoolExample(NamedTuple):
     plain_rmse: float = float("nan")
 
 
+def _epoch_axis(ax: plt.Axes, epochs: list[str]) -> None:
+    ax.set_xticks(np.arange(len(epochs)), epochs)
+    ax.set_xlim(-0.6, len(epochs) - 0.4)
+    ax.set_xlabel("epoch")
+
+
 def _history_row(
     fig: plt.Figure, grid: Any, history: Sequence[EpochRecord], pool_scores: np.ndarray
 ) -> None:
@@ -43,26 +49,26 @@ def _history_row(
     ax.bar(pos, [r.accepted for r in history], w, label="accepted", color="tab:orange")
     ax.bar(pos + w, [r.added for r in history], w, label="added", color="tab:green")
     ax.plot(pos, [r.pool_size for r in history], "ko-", label="pool size", zorder=3)
-    ax.set_xticks(pos, epochs)
-    ax.set_xlim(-0.6, len(epochs) - 0.4)
-    ax.set_xlabel("epoch")
+    _epoch_axis(ax, epochs)
     ax.set_title("samples per search epoch")
     ax.legend(fontsize=7, loc="upper left")
-    ax = fig.add_subplot(grid[0, 3:5])
-    gains = np.array([r.score_gain for r in history], dtype=float)
-    ax.bar(pos, gains, 0.5, color=["tab:green" if g > 0 else "tab:red" for g in gains])
-    for p, g in zip(pos, gains):
-        ax.annotate(f"{g:.2g}", (p, g), ha="center", va="bottom" if g >= 0 else "top", fontsize=8)
-    ax.axhline(0, color="k", lw=0.8)
-    ax.set_xticks(pos, epochs)
-    ax.set_xlim(-0.6, len(epochs) - 0.4)
-    ax.set_xlabel("epoch")
-    ax.set_title("score gain of the ensemble over the plain\nforecast (mean over searched inputs)")
+    _gain_panel(fig.add_subplot(grid[0, 3:5]), history)
     ax = fig.add_subplot(grid[0, 5:7])
     if pool_scores.size:
         ax.hist(pool_scores, bins=min(20, max(3, pool_scores.size)), color="tab:purple")
     ax.set_xlabel("ensemble score (higher is better)")
     ax.set_title(f"scores of the {pool_scores.size} pool samples")
+
+
+def _gain_panel(ax: plt.Axes, history: Sequence[EpochRecord]) -> None:
+    pos = np.arange(len(history))
+    gains = np.array([r.score_gain for r in history], dtype=float)
+    ax.bar(pos, gains, 0.5, color=["tab:green" if g > 0 else "tab:red" for g in gains])
+    for p, g in zip(pos, gains):
+        ax.annotate(f"{g:.2g}", (p, g), ha="center", va="bottom" if g >= 0 else "top", fontsize=8)
+    ax.axhline(0, color="k", lw=0.8)
+    _epoch_axis(ax, [str(r.epoch) for r in history])
+    ax.set_title("score gain of the ensemble over the plain\nforecast (mean over searched inputs)")
 
 
 def _truth_panels(
