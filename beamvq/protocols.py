@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
+import xarray as xr
 from torch import Tensor
 
 __all__ = [
@@ -163,6 +164,10 @@ class Pool(Protocol):
         ...
 
     def samples(self) -> PoolSamples: ...
+
+    def to_dataset(self, info: DataInfo) -> xr.Dataset:
+        """The pool as a CF-style dataset (inputs, pseudo-targets, scores, sources)."""
+        ...
 
     def state_dict(self) -> dict[str, Any]: ...
 

@@ -43,6 +43,7 @@ __all__ = [
     "TrajectoryScores",
     "beam_search",
     "score_trajectories",
+    "ACCUMULATE_MODES",
     "ENSEMBLE_MODES",
     "final_trajectories",
     "standardize_scores",
@@ -51,7 +52,7 @@ __all__ = [
     "select_improving",
 ]
 
-_ACCUMULATE = ("mean", "sum")
+ACCUMULATE_MODES = ("mean", "sum")
 
 
 class BeamResult(NamedTuple):
@@ -98,8 +99,8 @@ def _check_common(
         raise ValueError(f"x must be (B, T_in, C, H, W), got {tuple(x.shape)}")
     if rollout_steps < 1:
         raise ValueError(f"rollout_steps must be >= 1, got {rollout_steps}")
-    if accumulate not in _ACCUMULATE:
-        raise ValueError(f"accumulate must be one of {_ACCUMULATE}, got {accumulate!r}")
+    if accumulate not in ACCUMULATE_MODES:
+        raise ValueError(f"accumulate must be one of {ACCUMULATE_MODES}, got {accumulate!r}")
     if reference is None and _requires_reference(scorer):
         raise ValueError(f"{type(scorer).__name__} needs a reference but reference is None")
 
@@ -130,6 +131,27 @@ def _score_folded(
         )
     # NaN would sort first in a descending sort; rank it last instead
     return torch.nan_to_num(score.float(), nan=float("-inf"), posinf=float("inf"))
+
+
+def _check_candidates(cands: Tensor, flat: Tensor) -> Tensor:
+    """``step_fn``'s output for windows ``flat (N, T_in, C, H, W)``, checked."""
+    if cands.dim() != 6 or cands.shape[0] != flat.shape[0] or cands.shape[3:] != flat.shape[2:]:
+        raise ValueError(
+            f"step_fn returned {tuple(cands.shape)} for a window {tuple(flat.shape)}; "
+            "expected (N, K, T_out, C, H, W) with the window's C, H, W"
+        )
+    return cands
+
+
+def _kept(last: bool, n_beams: int, k: int, beam_width: int, top_k: int) -> int:
+    """Trajectories kept after a step: ``top_k`` at the last step, else the beam width."""
+    n_total = n_beams * k
+    if last and top_k > n_total:
+        raise ValueError(
+            f"top_k={top_k} exceeds the {n_total} trajectories of the last step "
+            f"(beams {n_beams} x K {k})"
+        )
+    return top_k if last else min(beam_width, n_total)
 
 
 def beam_search(
@@ -168,12 +190,7 @@ def beam_search(
     for step in range(rollout_steps):
         n_beams = windows.shape[1]
         flat = rearrange(windows, "b n t c h w -> (b n) t c h w")
-        cands = step_fn(flat)
-        if cands.dim() != 6 or cands.shape[0] != flat.shape[0] or cands.shape[3:] != x.shape[2:]:
-            raise ValueError(
-                f"step_fn returned {tuple(cands.shape)} for a window {tuple(flat.shape)}; "
-                "expected (N, K, T_out, C, H, W) with the window's C, H, W"
-            )
+        cands = _check_candidates(step_fn(flat), flat)
         k, t_out = cands.shape[1:3]
         if step == 0:
             _check_reference(reference, x, rollout_steps * t_out)
@@ -182,14 +199,7 @@ def beam_search(
         score = rearrange(score, "(b n) k -> b (n k)", b=batch)
         totals = repeat(sums, "b n -> b (n k)", k=k) + score
 
-        last = step == rollout_steps - 1
-        n_total = n_beams * k
-        if last and top_k > n_total:
-            raise ValueError(
-                f"top_k={top_k} exceeds the {n_total} trajectories of the last step "
-                f"(beams {n_beams} x K {k})"
-            )
-        n_keep = top_k if last else min(beam_width, n_total)
+        n_keep = _kept(step == rollout_steps - 1, n_beams, k, beam_width, top_k)
         order = torch.sort(totals, dim=1, descending=True, stable=True).indices[:, :n_keep]
         parent = torch.div(order, k, rounding_mode="floor")
         rank = order % k

@@ -87,6 +87,7 @@ from beamvq.datamodules.netcdf import NetCDFDataModule
 from beamvq.datamodules.storm import StormGenerator
 from beamvq.datamodules.synthetic import NavierStokesGenerator
 from beamvq.module import ForecastModule
+from beamvq.selftrain import SearchConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs" / "backbones"
@@ -259,11 +260,13 @@ def make_callback(dataset: str, p: Protocol, seed: int) -> BeamSearchAugmentatio
         every_n_epochs=p.every_n_epochs,
         start_epoch=p.start_epoch,
         max_windows=p.max_windows,
-        beam_width=p.beam_width,
-        top_k=p.top_k,
-        ensemble=p.ensemble,
-        temperature=p.temperature,
-        only_improving=p.only_improving,
+        search=SearchConfig(
+            beam_width=p.beam_width,
+            top_k=p.top_k,
+            ensemble=p.ensemble,
+            temperature=p.temperature,
+            only_improving=p.only_improving,
+        ),
         unlabelled_windows=p.unlabelled_windows,
         unlabelled_scorer=free,
         search_batch_size=16,

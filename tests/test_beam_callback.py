@@ -21,12 +21,13 @@ from pytorch_lightning.loggers import CSVLogger
 
 from beamvq.backbones import ResNet
 from beamvq.bottleneck import VQBottleneck
-from beamvq.callbacks.beam_search import BeamSearchAugmentation, merge_gathered, shard
+from beamvq.callbacks.beam_search import BeamSearchAugmentation
 from beamvq.cli import main
 from beamvq.datamodules.netcdf import NetCDFDataModule, WindowDataset, future_free_starts
 from beamvq.datamodules.synthetic import NavierStokesGenerator, write_navier_stokes
 from beamvq.metrics import NegMSEScorer, SpectrumScorer
 from beamvq.module import ForecastModule
+from beamvq.selftrain import SearchConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 T_IN, T_OUT, STEPS, K = 2, 2, 2, 3
@@ -138,8 +139,8 @@ def fitted(ns_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     module = make_module()
     spectrum = SpectrumScorer(from_vorticity=True)
     cb = SpyAugmentation(
-        NegMSEScorer(), start_epoch=0, max_windows=5, beam_width=2, top_k=2,
-        only_improving=False, unlabelled_windows=3, unlabelled_scorer=spectrum,
+        NegMSEScorer(), SearchConfig(beam_width=2, top_k=2, only_improving=False),
+        start_epoch=0, max_windows=5, unlabelled_windows=3, unlabelled_scorer=spectrum,
         search_batch_size=2, pool_output=str(tmp / "pool.nc"),
     )  # fmt: skip
     starts = EpochStart()
@@ -231,7 +232,9 @@ def test_single_step_search_is_the_top_k_filter_by_hand() -> None:
     g = torch.Generator().manual_seed(3)
     x = torch.randn(7, T_IN, 1, 16, 16, generator=g)
     y = torch.randn(7, T_OUT, 1, 16, 16, generator=g)
-    cb = BeamSearchAugmentation(NegMSEScorer(), beam_width=4, top_k=2, search_batch_size=3)
+    cb = BeamSearchAugmentation(
+        NegMSEScorer(), SearchConfig(beam_width=4, top_k=2), search_batch_size=3
+    )
     with torch.no_grad():
         out = cb.search(module, x, y, cb.scorer)
         cands = module.denormalize(module.model.candidates(module.normalize(x), 4))
@@ -244,37 +247,11 @@ def test_single_step_search_is_the_top_k_filter_by_hand() -> None:
     torch.testing.assert_close(out.ensemble_score, ens_score, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.plain_score, plain_score, rtol=1e-5, atol=1e-6)
     assert torch.equal(out.accepted, ens_score > plain_score)
-    strict = BeamSearchAugmentation(NegMSEScorer(), beam_width=4, top_k=2, margin=1e9)
-    off = BeamSearchAugmentation(NegMSEScorer(), beam_width=4, top_k=2, only_improving=False)
+    strict = BeamSearchAugmentation(NegMSEScorer(), SearchConfig(beam_width=4, margin=1e9))
+    off = BeamSearchAugmentation(NegMSEScorer(), SearchConfig(beam_width=4, only_improving=False))
     with torch.no_grad():
         assert not strict.search(module, x, y, strict.scorer).accepted.any()
         assert off.search(module, x, y, off.scorer).accepted.all()
-
-
-# -- DDP: shards merge to the single-rank result --------------------------------------------------
-
-
-@pytest.mark.parametrize("n", [0, 1, 7, 8])
-def test_sharded_search_merges_to_the_single_rank_result(n: int) -> None:
-    values = torch.arange(n, dtype=torch.float32) * 10 + 1
-    accept = (torch.arange(n) % 3) != 1
-
-    def gathered(world: int) -> torch.Tensor:
-        keys, keeps, vals = [], [], []
-        sizes = set()
-        for rank in range(world):  # what all_gather stacks, rank by rank
-            sh = shard(n, rank, world)
-            sizes.add(len(sh.positions))
-            keys.append(sh.positions)
-            keeps.append(accept[sh.positions] & sh.valid if n else sh.valid)
-            vals.append(values[sh.positions] if n else values[:0])
-        assert len(sizes) == 1  # every rank gathers the same shape
-        (out,) = merge_gathered(torch.cat(keys), torch.cat(keeps), torch.cat(vals))
-        return out
-
-    expected = values[accept]
-    for world in (1, 2, 3):
-        assert torch.equal(gathered(world), expected)
 
 
 def test_future_free_starts() -> None:
@@ -335,6 +312,7 @@ def test_unlabelled_inputs_come_after_the_last_training_windows(ns_file: Path) -
         ({}, dict(reload_dataloaders_every_n_epochs=0), {}, "reload_dataloaders_every_n_epochs"),
         ({}, dict(reload_dataloaders_every_n_epochs=2), {}, "reload_dataloaders_every_n_epochs"),
         ({}, {}, dict(top_k=7), "top_k=7 exceeds"),
+        ({}, {}, dict(rollout_steps=1), "search.rollout_steps=1 but pseudo-targets must span"),
         (dict(candidate_k=1), {}, {}, "candidate_k >= 2"),
     ],
 )  # fmt: skip
@@ -342,11 +320,34 @@ def test_fails_before_training(
     ns_file: Path, module_kwargs: dict, trainer_kwargs: dict, cb_kwargs: dict, match: str
 ) -> None:
     module = make_module(**module_kwargs)
-    cb = BeamSearchAugmentation(NegMSEScorer(), beam_width=2, **cb_kwargs)
+    cb = BeamSearchAugmentation(NegMSEScorer(), SearchConfig(beam_width=2, **cb_kwargs))
     trainer = make_trainer([cb], 2, **trainer_kwargs)
     with pytest.raises(ValueError, match=match):
         trainer.fit(module, SpyDataModule(str(ns_file)))
     assert trainer.global_step == 0
+
+
+class NoPoolData(pl.LightningDataModule):
+    """Windows but no augmented pool: not a beamvq.protocols.ForecastData."""
+
+    normalization = None
+    batch_size = 4
+
+    def training_windows(self, max_windows: int | None = None, seed: int = 0) -> None: ...
+
+
+def test_setup_names_what_the_datamodule_and_the_module_lack() -> None:
+    cb = BeamSearchAugmentation(NegMSEScorer())
+    trainer = make_trainer([cb], 1)
+    trainer.datamodule = NoPoolData()  # as Trainer.fit attaches it
+    with pytest.raises(TypeError, match=r"ForecastData; NoPoolData lacks \['info', 'pool', "):
+        cb.setup(trainer, make_module(), "fit")
+    trainer.datamodule = None
+    with pytest.raises(TypeError, match="needs a datamodule"):
+        cb.setup(trainer, make_module(), "fit")
+    trainer.datamodule = SpyDataModule(str(ROOT / "missing.nc"))
+    with pytest.raises(TypeError, match=r"SearchableModel; Linear lacks \['candidate_k', 'code"):
+        cb.setup(trainer, torch.nn.Linear(2, 2), "fit")  # type: ignore[arg-type]
 
 
 def test_unlabelled_windows_need_a_reference_free_scorer() -> None:
@@ -360,8 +361,8 @@ def test_unlabelled_windows_need_a_reference_free_scorer() -> None:
 def test_resume_restores_the_pool_exactly(ns_file: Path, tmp_path: Path) -> None:
     ckpt = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
     dm_a = SpyDataModule(str(ns_file))
-    cb_a = BeamSearchAugmentation(NegMSEScorer(), start_epoch=0, max_windows=4, beam_width=2,
-                                  only_improving=False)  # fmt: skip
+    cb_a = BeamSearchAugmentation(NegMSEScorer(), SearchConfig(beam_width=2, only_improving=False),
+                                  start_epoch=0, max_windows=4)  # fmt: skip
     make_trainer([cb_a, ckpt], 2, enable_checkpointing=True).fit(make_module(), dm_a)
     assert [r.epoch for r in cb_a.history] == [0] and dm_a.pool.size == 4
     saved = torch.load(tmp_path / "epoch=0.ckpt", weights_only=False)
@@ -370,7 +371,9 @@ def test_resume_restores_the_pool_exactly(ns_file: Path, tmp_path: Path) -> None
 
     dm_b = SpyDataModule(str(ns_file))
     starts = EpochStart()
-    cb_b = BeamSearchAugmentation(NegMSEScorer(), start_epoch=0, max_windows=4, beam_width=2)
+    cb_b = BeamSearchAugmentation(
+        NegMSEScorer(), SearchConfig(beam_width=2), start_epoch=0, max_windows=4
+    )
     make_trainer([cb_b, starts], 2).fit(
         make_module(), dm_b, ckpt_path=str(tmp_path / "epoch=0.ckpt"), weights_only=False
     )
@@ -414,7 +417,8 @@ def shrink_config(name: str, tmp: Path) -> Path:
         if "output" in args:
             args["output"] = str(tmp / "pred.nc")
         if cb["class_path"].endswith("BeamSearchAugmentation"):
-            args.update(start_epoch=0, every_n_epochs=1, max_windows=2, fit_windows=8, beam_width=2)
+            args.update(start_epoch=0, every_n_epochs=1, max_windows=2, fit_windows=8)
+            args.setdefault("search", {})["beam_width"] = 2
             if args.get("pool_output"):
                 args["pool_output"] = str(tmp / "pool.nc")
             if args.get("unlabelled_windows"):

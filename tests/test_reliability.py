@@ -35,6 +35,7 @@ from beamvq.datamodules.synthetic import write_navier_stokes
 from beamvq.metrics import NegMSEScorer
 from beamvq.module import ForecastMetrics, ForecastModule, collect_rng_state, restore_rng_state
 from beamvq.quant import QuantRecipe, convert_to_quantized
+from beamvq.selftrain import SearchConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 T_IN, T_OUT = 2, 2
@@ -85,7 +86,10 @@ def _fit_metrics(ns_file: Path, seed: int) -> tuple[dict[str, float], dict[str, 
     module = make_module()
     torch.manual_seed(seed)  # make_module seeds its own init; the run's randomness follows
     augment = BeamSearchAugmentation(
-        NegMSEScorer(), start_epoch=0, max_windows=4, beam_width=2, top_k=2, only_improving=False
+        NegMSEScorer(),
+        SearchConfig(beam_width=2, top_k=2, only_improving=False),
+        start_epoch=0,
+        max_windows=4,
     )
     dm = make_dm(ns_file)
     trainer = make_trainer(2, [augment])

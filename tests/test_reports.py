@@ -1,10 +1,10 @@
-"""Run reports: a tiny fit leaves an offline W&B run with the forecast, ensemble, lead-time,
-code-bank and augmentation media (read back from the run's files), PNGs that are not blank, a
-rollout GIF, a CF prediction file, and a summary table; no network is touched."""
+"""Run reports: a tiny fit hands W&B the forecast, ensemble, lead-time, code-bank and
+augmentation media (the calls on W&B's public ``Run.log`` are recorded, and the offline run
+folder holds the media files), PNGs that are not blank, a rollout GIF, a CF prediction file, and
+a summary table; no network is touched."""
 
 from __future__ import annotations
 
-import json
 import socket
 import sys
 from pathlib import Path
@@ -14,27 +14,25 @@ from typing import Any
 import netCDF4
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
+import wandb
 import xarray as xr
 from PIL import Image
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
-from wandb.proto import wandb_internal_pb2 as pb
 
 from beamvq import summary
-from beamvq.callbacks.beam_search import EpochRecord
-from beamvq.callbacks.plots import ForecastImageLogger, save_figure
-from beamvq.callbacks.reports import (
-    AugmentationReport,
-    CodebookUsageReport,
-    LeadTimeReport,
-    PoolExample,
-    WandbArtifacts,
-    augmentation_figure,
-    code_usage,
-    lead_table,
-    markdown_table,
-    pool_truths,
-)
+from beamvq.callbacks.artifacts import WandbArtifacts
+from beamvq.callbacks.augmentation import AugmentationReport, pool_truths
+from beamvq.callbacks.beam_search import BeamSearchAugmentation
+from beamvq.callbacks.codebook import CodebookUsageReport
+from beamvq.callbacks.figures.augmentation import PoolExample, augmentation_figure
+from beamvq.callbacks.figures.style import save_figure
+from beamvq.callbacks.forecast_images import ForecastImageLogger
+from beamvq.callbacks.lead_time import LeadTimeReport
+from beamvq.callbacks.prediction_writer import NetCDFPredictionWriter
+from beamvq.callbacks.tables import EpochRecord, code_usage, lead_table, markdown_table
 from beamvq.cli import main
 from beamvq.datamodules.netcdf import NetCDFDataModule
 from beamvq.datamodules.synthetic import write_navier_stokes
@@ -65,15 +63,13 @@ trainer:
       init_args:
         start_epoch: 0
         max_windows: 6
-        beam_width: 2
-        top_k: 2
-        only_improving: false
+        search: {{beam_width: 2, top_k: 2, only_improving: false}}
         scorer: {{class_path: beamvq.metrics.NegMSEScorer}}
-    - class_path: beamvq.callbacks.plots.ForecastImageLogger
-    - class_path: beamvq.callbacks.reports.LeadTimeReport
-    - class_path: beamvq.callbacks.reports.CodebookUsageReport
-    - class_path: beamvq.callbacks.reports.AugmentationReport
-    - class_path: beamvq.callbacks.reports.WandbArtifacts
+    - class_path: beamvq.callbacks.forecast_images.ForecastImageLogger
+    - class_path: beamvq.callbacks.lead_time.LeadTimeReport
+    - class_path: beamvq.callbacks.codebook.CodebookUsageReport
+    - class_path: beamvq.callbacks.augmentation.AugmentationReport
+    - class_path: beamvq.callbacks.artifacts.WandbArtifacts
     - class_path: pytorch_lightning.callbacks.RichProgressBar
     - class_path: beamvq.callbacks.prediction_writer.NetCDFPredictionWriter
       init_args: {{output: {run}/predictions.nc}}
@@ -122,6 +118,27 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     return attempts
 
 
+class WandbCalls:
+    """What our code hands to W&B through its public API: every ``wandb.Run.log`` payload and
+    every ``WandbLogger.log_hyperparams`` argument (recorded, then passed on to W&B)."""
+
+    def __init__(self, mp: pytest.MonkeyPatch) -> None:
+        self.logged: list[dict[str, Any]] = []
+        self.hyperparams: list[dict[str, Any]] = []
+        real_log, real_hparams = wandb.Run.log, WandbLogger.log_hyperparams
+
+        def log(run: Any, data: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            self.logged.append(dict(data))
+            return real_log(run, data, *args, **kwargs)
+
+        def log_hyperparams(logger: WandbLogger, params: Any) -> None:
+            self.hyperparams.append(dict(params))
+            real_hparams(logger, params)
+
+        mp.setattr(wandb.Run, "log", log)
+        mp.setattr(WandbLogger, "log_hyperparams", log_hyperparams)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     tmp = tmp_path_factory.mktemp("reports")
@@ -130,12 +147,14 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     mp.setenv("WANDB_SILENT", "true")
     mp.chdir(tmp)
     attempts = _no_network(mp)
+    calls = WandbCalls(mp)
     try:
         cfg = tmp / "tiny.yaml"
         cfg.write_text(CONFIG.format(run=tmp / "run", data=tmp / "ns.nc"))
         # as from the console: the prediction file's history names this command
         mp.setattr(sys, "argv", ["beamvq", "fit", "--config", str(cfg)])
         fit = main()
+        fit_calls = SimpleNamespace(logged=list(calls.logged), hyperparams=list(calls.hyperparams))
         ckpts = sorted((tmp / "run" / "checkpoints").glob("epoch=*.ckpt"))
         mp.setattr(
             sys, "argv", ["beamvq", "predict", "--config", str(cfg), "--ckpt_path", str(ckpts[-1])]
@@ -148,7 +167,12 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     finally:
         mp.undo()
     return SimpleNamespace(
-        root=tmp / "run", fit=fit, ckpt=ckpts[-1], summary=md, network_attempts=attempts
+        root=tmp / "run",
+        fit=fit,
+        ckpt=ckpts[-1],
+        summary=md,
+        network_attempts=attempts,
+        wandb=fit_calls,
     )
 
 
@@ -156,25 +180,8 @@ def _callback(trainer: Any, kind: type) -> Any:
     return next(cb for cb in trainer.callbacks if isinstance(cb, kind))
 
 
-def wandb_records(path: Path) -> list[pb.Record]:
-    """Records of a W&B run file (LevelDB log format: 32 KiB blocks, 7-byte record headers;
-    the file starts with a 7-byte W&B header)."""
-    raw, pos, block, buf, out = path.read_bytes(), 7, 32768, b"", []
-    while pos + 7 <= len(raw):
-        if block - pos % block < 7:  # block trailer padding
-            pos += block - pos % block
-            continue
-        length, kind = int.from_bytes(raw[pos + 4 : pos + 6], "little"), raw[pos + 6]
-        data, pos = raw[pos + 7 : pos + 7 + length], pos + 7 + length
-        if kind in (1, 2):
-            buf = data
-        elif kind in (3, 4):
-            buf += data
-        if kind in (1, 4):
-            rec = pb.Record()
-            rec.ParseFromString(buf)
-            out.append(rec)
-    return out
+def _values(calls: SimpleNamespace, key: str) -> list[Any]:
+    return [d[key] for d in calls.logged if key in d]
 
 
 def _variance(path: Path) -> float:
@@ -192,36 +199,43 @@ def test_offline_wandb_run_holds_the_report(run: SimpleNamespace) -> None:
     assert list((media / "images").glob("augment/panel_*.png"))
     gifs = list((media / "videos" / "val").glob("rollout_*.gif"))
     assert len(gifs) == 1 and Image.open(gifs[0]).n_frames == 3 + 3
-    # the per-lead table holds the metrics the module logged at the last validation
-    tables = sorted((media / "table" / "val" / "by_lead").glob("table_*.table.json"))
-    table = json.loads(tables[-1].read_text())
-    assert table["columns"][:3] == ["lead_time", "mse", "mae"]
-    metrics = run.fit.trainer.callback_metrics
-    last = max(tables, key=lambda p: int(p.name.split("_")[1]))
-    rows = json.loads(last.read_text())["data"]
-    assert [r[0] for r in rows] == [1, 2, 3]
-    np.testing.assert_allclose(
-        [r[1] for r in rows], [float(metrics[f"val/mse_lead{t}"]) for t in (1, 2, 3)], rtol=1e-5
-    )
-    # histogram, line charts and the resolved config, read back from the run's own log
-    records = wandb_records(next(fit_run[0].glob("run-*.wandb")))
-    history = {
-        it.key or "/".join(it.nested_key): it.value_json
-        for r in records
-        if r.WhichOneof("record_type") == "history"
-        for it in r.history.item
-    }
-    config_keys = {
-        it.key or "/".join(it.nested_key)
-        for r in records
-        if r.WhichOneof("record_type") == "config"
-        for it in r.config.update
-    }
-    usage = json.loads(history["codebook/usage/values"])
-    assert len(usage) == 16 and sum(usage) > 0
-    assert "codebook/val_perplexity" in history and "augment/history/nrows" in history
-    assert "config" in config_keys and "_wandb/visualize/val/by_lead/mse" in config_keys
     assert not run.network_attempts
+
+
+def test_wandb_gets_the_report_objects(run: SimpleNamespace) -> None:
+    trainer, calls = run.fit.trainer, run.wandb
+    metrics = trainer.callback_metrics
+    # media go out at the trainer's step, one call per report
+    for key in ("val/forecast", "val/ensemble", "val/by_lead/plot", "codebook/usage_plot"):
+        images = _values(calls, key)
+        assert len(images) == 2 and all(isinstance(i, wandb.Image) for i in images), key
+    assert all("trainer/global_step" in d for d in calls.logged)
+    (video,) = _values(calls, "val/rollout")
+    assert isinstance(video, wandb.Video)
+    # the per-lead table holds the metrics the module logged at the last validation, and each
+    # per-lead metric gets a line chart drawn from that table
+    table = _values(calls, "val/by_lead/table")[-1]
+    assert table.columns[:3] == ["lead_time", "mse", "mae"]
+    assert [r[0] for r in table.data] == [1, 2, 3]
+    np.testing.assert_allclose(
+        [r[1] for r in table.data], [float(metrics[f"val/mse_lead{t}"]) for t in (1, 2, 3)]
+    )
+    chart = _values(calls, "val/by_lead/mse")[-1]
+    assert isinstance(chart, wandb.plot.CustomChart) and chart.table is table
+    # the code-bank histogram holds the counts the report computed (16 codes, 16 bins)
+    hist = _values(calls, "codebook/usage")[-1]
+    usage = _callback(trainer, CodebookUsageReport).usage
+    assert isinstance(hist, wandb.Histogram) and len(hist.histogram) == 16
+    np.testing.assert_array_equal(hist.histogram, usage.counts)
+    assert _values(calls, "codebook/val_perplexity")[-1] == pytest.approx(usage.perplexity)
+    # the search history as a table, one row per search epoch
+    (history,) = _values(calls, "augment/history")
+    search = _callback(trainer, BeamSearchAugmentation)
+    assert history.columns == list(EpochRecord._fields)
+    assert history.data == [list(r) for r in search.history]
+    assert _values(calls, "augment/num_added") == [float(r.added) for r in search.history]
+    # the resolved config, recorded by the CLI
+    assert any("config" in p and "trainer" in p["config"] for p in calls.hyperparams)
 
 
 def test_pngs_show_something(run: SimpleNamespace) -> None:
@@ -358,33 +372,47 @@ def test_pool_truths_come_from_the_recorded_source(tmp_path: Path) -> None:
     assert truth[2] is None  # an input with no recorded future
 
 
-def test_artifacts_only_when_online(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+class RecordingRun:
+    """The public members of a ``wandb.Run`` that ``WandbArtifacts`` uses, recording the
+    artifacts it is handed instead of uploading them."""
+
+    def __init__(self, offline: bool) -> None:
+        self.id, self.offline, self.disabled = "abc", offline, False
+        self.artifacts: list[tuple[Any, list[str]]] = []
+
+    def log_artifact(self, artifact: Any, aliases: list[str]) -> None:
+        self.artifacts.append((artifact, aliases))
+
+
+def test_artifacts_only_when_online(tmp_path: Path) -> None:
     ckpt = tmp_path / "last.ckpt"
     ckpt.write_bytes(b"weights")
-    logged: list[Any] = []
-    fake_run = SimpleNamespace(
-        id="abc",
-        settings=SimpleNamespace(mode="online"),
-        log_artifact=lambda a, aliases: logged.append(a),
-    )
-    logger = WandbLogger(save_dir=str(tmp_path), offline=False)
-    logger._experiment = fake_run
-    trainer = SimpleNamespace(
-        loggers=[logger],
-        checkpoint_callbacks=[
-            SimpleNamespace(best_model_path=str(ckpt), last_model_path=str(ckpt),
-                            best_model_score=torch.tensor(0.5), monitor="val/loss")
-        ],
-    )  # fmt: skip
-    cb = WandbArtifacts()
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    cb.on_fit_end(trainer, None)
-    assert logged == [] and cb.logged == []
-    monkeypatch.setenv("WANDB_MODE", "online")
-    cb.on_fit_end(trainer, None)
-    assert len(logged) == 1 and logged[0].type == "model"
-    assert [f.name for f in cb.logged[0][1]] == ["last.ckpt"]  # best == last: one file
-    assert logged[0].metadata == {"best val/loss": 0.5}
+    preds = tmp_path / "predictions.nc"
+    preds.write_bytes(b"netcdf")
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="val/loss")
+    # what ModelCheckpoint's public attributes hold after a fit
+    checkpoint.best_model_path = checkpoint.last_model_path = str(ckpt)
+    checkpoint.best_model_score = torch.tensor(0.5)
+    for offline in (True, False):
+        recording = RecordingRun(offline)
+        cb = WandbArtifacts()
+        trainer = pl.Trainer(
+            logger=WandbLogger(save_dir=str(tmp_path), experiment=recording),
+            callbacks=[checkpoint, cb, NetCDFPredictionWriter(str(preds))],
+            default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        cb.on_fit_end(trainer, None)
+        cb.on_predict_end(trainer, None)
+        if offline:
+            assert recording.artifacts == [] and cb.logged == []
+            continue
+        (model, aliases), (predictions, _) = recording.artifacts
+        assert model.type == "model" and model.name.startswith("model-abc")
+        assert aliases == ["latest"]
+        assert [f.name for f in cb.logged[0][1]] == ["last.ckpt"]  # best == last: one file
+        assert model.metadata == {"best val/loss": 0.5}
+        assert predictions.type == "predictions"
+        assert [f.name for f in cb.logged[1][1]] == ["predictions.nc"]
 
 
 def test_report_fragment_appends_callbacks(capsys: pytest.CaptureFixture) -> None:

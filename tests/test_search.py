@@ -261,8 +261,32 @@ def test_search_pipeline_with_ensemble_selection():
     plain_s = S.score_trajectories(scorer, x, plain.unsqueeze(1), 2, reference, to_phys).scores[
         :, 0
     ]
-    mask = S.select_improving(ens_s, plain_s)
-    assert mask.shape == (6,) and mask.dtype == torch.bool
-    assert torch.equal(mask, ens_s > plain_s)
     # the best searched trajectory is never worse than the plain forecast (candidate 0 is searched)
     assert (res.scores[:, 0] >= plain_s - 1e-5).all()
+    assert torch.isfinite(ens_s).all() and ens_s.shape == (6,)
+
+
+def test_search_pipeline_by_hand():
+    """Constant fields, -MSE, one step, K = 3 candidates (last input + 0, +1, -1), top 2."""
+    offsets = torch.tensor([0.0, 1.0, -1.0]).view(1, 3, 1, 1, 1, 1)
+
+    def step_fn(window):
+        return window[:, None, -1:] + offsets
+
+    x = torch.tensor([0.0, 1.0]).view(2, 1, 1, 1, 1).expand(2, 2, C, H, W)
+    reference = torch.ones(2, 1, C, H, W)
+    scorer = M.NegMSEScorer()
+    res = S.beam_search(step_fn, x, scorer, 1, beam_width=3, top_k=2, reference=reference)
+    # sample 0: candidates 0, 1, -1 score -1, 0, -4; sample 1: 1, 2, 0 score 0, -1, -1
+    torch.testing.assert_close(res.scores, torch.tensor([[0.0, -1.0], [0.0, -1.0]]))
+    assert res.choices[:, :, 0].tolist() == [[1, 0], [0, 1]]
+    ens = S.ensemble(res.trajectories, res.scores)  # 0.5 and 1.5 everywhere
+    torch.testing.assert_close(ens[:, 0, 0, 0, 0], torch.tensor([0.5, 1.5]))
+    ens_s = S.score_trajectories(scorer, x, ens.unsqueeze(1), 1, reference).scores[:, 0]
+    plain_s = S.score_trajectories(scorer, x, step_fn(x)[:, :1], 1, reference).scores[:, 0]
+    torch.testing.assert_close(ens_s, torch.tensor([-0.25, -0.25]))
+    torch.testing.assert_close(plain_s, torch.tensor([-1.0, 0.0]))
+    # gains 0.75 and -0.25
+    assert S.select_improving(ens_s, plain_s).tolist() == [True, False]
+    assert S.select_improving(ens_s, plain_s, margin=0.7).tolist() == [True, False]
+    assert S.select_improving(ens_s, plain_s, margin=0.8).tolist() == [False, False]
