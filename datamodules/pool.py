@@ -22,13 +22,14 @@ import xarray as xr
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from beamvq.datamodules.config import PoolConfig
 from beamvq.protocols import SOURCE_KINDS, Batch, DataInfo, PoolSamples
-
-POOL_POLICIES = ("oldest", "worst")
 
 
 class AugmentedPool:
     """A capped pool of pseudo-labelled samples (``beamvq.protocols.Pool``).
+
+    ``from_config`` builds it from the datamodule's ``data.pool`` settings (``PoolConfig``).
 
     Args:
         capacity: most samples kept (0 keeps none).
@@ -37,17 +38,16 @@ class AugmentedPool:
     """
 
     def __init__(self, capacity: int = 256, policy: str = "worst", weight: float = 0.5) -> None:
-        if int(capacity) < 0:
-            raise ValueError(f"data.pool_capacity must be >= 0, got {capacity}")
-        if policy not in POOL_POLICIES:
-            raise ValueError(f"data.pool_policy must be one of {POOL_POLICIES}, got {policy!r}")
-        if not float(weight) >= 0.0:
-            raise ValueError(f"data.pool_weight must be >= 0, got {weight}")
-        self.capacity = int(capacity)
-        self.policy = policy
-        self.weight = float(weight)
+        config = PoolConfig(capacity, policy, weight)  # checks the values, naming data.pool.*
+        self.capacity = config.capacity
+        self.policy = config.policy
+        self.weight = config.weight
         self._samples = _empty()
         self._counter = 0
+
+    @classmethod
+    def from_config(cls, config: PoolConfig) -> AugmentedPool:
+        return cls(config.capacity, config.policy, config.weight)
 
     @property
     def size(self) -> int:
