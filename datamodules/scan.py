@@ -31,11 +31,10 @@ from beamvq.datamodules.conventions import (
     fmt_time,
     is_latitude,
     is_longitude,
-    label_slice,
     open_netcdf,
-    parse_time_step,
     time_values,
 )
+from beamvq.datamodules.selection import select_box, select_time
 
 
 class Channel(NamedTuple):
@@ -323,62 +322,6 @@ def order_files(times: list[tuple[str, np.ndarray]], label: str) -> list[tuple[s
     return per_file
 
 
-def select_time(full_time: np.ndarray, selection: SelectionConfig, label: str) -> np.ndarray:
-    """Positions of ``full_time`` inside ``time_range`` and on the ``time_step`` grid (counted
-    from the first kept time)."""
-    keep = np.arange(full_time.size)
-    if selection.time_range is not None:
-        keep = keep[label_slice(full_time, *selection.time_range, "selection.time_range")]
-        if keep.size == 0:
-            raise ValueError(
-                f"data.selection.time_range={selection.time_range} selects no time step of "
-                f"{label}: its time axis spans {fmt_time(full_time[0])} .. "
-                f"{fmt_time(full_time[-1])}"
-            )
-    if selection.time_step is not None:
-        step = parse_time_step(selection.time_step, full_time)
-        offset = full_time[keep] - full_time[keep[0]]
-        if full_time.dtype.kind == "M":
-            on_grid = offset.astype(np.int64) % np.int64(step.astype(np.int64)) == 0
-        else:
-            ratio = offset / step
-            on_grid = np.abs(ratio - np.round(ratio)) < 1e-6
-        keep = keep[on_grid]
-    return keep
-
-
-def box_index(values: np.ndarray, lo: float, hi: float, periodic: bool) -> np.ndarray:
-    """Positions of ``values`` inside ``[lo, hi]``; for longitudes the box may wrap (350, 20)."""
-    if periodic:
-        width = (hi - lo) % 360.0
-        offset = (values - lo) % 360.0
-        keep = np.flatnonzero(offset <= width + 1e-9)
-        # order by distance from the western edge, so a wrapping box stays contiguous west to east
-        return keep[np.argsort(offset[keep], kind="stable")]
-    a, b = min(lo, hi), max(lo, hi)
-    return np.flatnonzero((values >= a) & (values <= b))
-
-
-def select_box(
-    scan: FileScan, selection: SelectionConfig, label: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Positions along y and x inside ``lat_range``/``lon_range`` (all when not given)."""
-    index = {}
-    for role, key, box, periodic in (
-        ("y", "lat_range", selection.lat_range, False),
-        ("x", "lon_range", selection.lon_range, scan.longitude),
-    ):
-        values = scan.coords[role].values
-        idx = np.arange(values.size) if box is None else box_index(values, *box, periodic=periodic)
-        if idx.size == 0:
-            raise ValueError(
-                f"data.selection.{key}={box} selects no point of {scan.dims[role]!r} in {label} "
-                f"(it spans {values.min():g} .. {values.max():g})"
-            )
-        index[role] = idx
-    return index["y"], index["x"]
-
-
 def scan_layout(
     path: str | Sequence[str],
     variables: Sequence[str],
@@ -404,7 +347,9 @@ def scan_layout(
         for i, (p, _) in enumerate(per_file)
         if (owner[keep] == i).any()
     ]
-    y_index, x_index = select_box(scan, selection, label)
+    y_index, x_index = select_box(
+        scan.coords["y"], scan.coords["x"], scan.longitude, selection, label
+    )
     return _layout(scan, files_sel, full_time[keep], y_index, x_index)
 
 
