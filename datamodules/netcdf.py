@@ -79,6 +79,12 @@ class NetCDFDataModule(pl.LightningDataModule):
         generator: {class_path: ..., init_args: ...}
         check_only: false
 
+    A group holds what a user sets together (the window's frames; which part of the files; how
+    to split; what the files call their dims; how much missing data to accept; where the cache
+    lives; the loader; the pool), so a config writes only the groups it changes. Read-only
+    properties (``in_steps``, ``out_steps``, ``rollout_steps``, ``target_steps``, ``batch_size``,
+    ``predict_split``...) give the module and the callbacks the values they read.
+
     Args:
         path: a NetCDF file, a glob pattern (``data/era5_*.nc``) or a list of files, concatenated
             along time (files may come in any order; they must not overlap in time).

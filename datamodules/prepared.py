@@ -40,7 +40,7 @@ class PreparedData(NamedTuple):
         """Where the array lives, as the data check and the log say it."""
         return "in memory" if self.data is not None else f"memory-mapped cache {self.cache_file}"
 
-    def array(self) -> np.ndarray:
+    def source(self) -> np.ndarray:
         """The array the windows are cut from (the memory map opened read-only when cached)."""
         if self.data is not None:
             return self.data
@@ -58,7 +58,7 @@ class PreparedData(NamedTuple):
     def climatology(self) -> np.ndarray:
         """Per-channel, per-pixel training mean ``(C, H, W)``; a pixel never finite in training
         falls back to the channel mean."""
-        return frame_mean(self.array(), self.plan.frames["train"], self.normalization.mean)
+        return frame_mean(self.source(), self.plan.frames["train"], self.normalization.mean)
 
     def window_info(self, split: str, indices: np.ndarray, in_steps: int) -> WindowInfo:
         """Sample labels and last-input-time labels of windows ``indices`` of ``split``."""
