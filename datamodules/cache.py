@@ -5,7 +5,7 @@ The first run converts the selected variables, levels, box and times once into o
 the raw C-ordered array, so ``np.load(mmap_mode="r")`` maps it without reading it). Reading a
 window is then a contiguous slice served by the page cache, with no decoding and no NetCDF handle.
 
-Layout of one entry, ``<cache_dir>/<stem>-<key>/``:
+Layout of one entry, ``<data.cache.dir>/<stem>-<key>/``:
 
 - ``data.npy``: the array;
 - ``stats.npz``: per-frame statistics gathered during the conversion (so splits, normalization
