@@ -83,6 +83,7 @@ from beamvq.backbones import REGISTRY, backbone_class
 from beamvq.backbones.base import Backbone
 from beamvq.bottleneck import VQBottleneck
 from beamvq.callbacks.beam_search import BeamSearchAugmentation
+from beamvq.datamodules.config import LoaderConfig, PoolConfig, SplitConfig, WindowConfig
 from beamvq.datamodules.netcdf import NetCDFDataModule
 from beamvq.datamodules.storm import StormGenerator
 from beamvq.datamodules.synthetic import NavierStokesGenerator
@@ -151,7 +152,7 @@ def data_path(data_dir: Path, dataset: str, p: Protocol) -> Path:
 def datamodule(data_dir: Path, dataset: str, p: Protocol) -> NetCDFDataModule:
     """A fresh datamodule (so each run has its own empty pool) over the dataset's one file.
 
-    ``split_fractions`` are the trajectory counts: 64/16/32 of 112 round to exactly those numbers,
+    ``splits.fractions`` are the trajectory counts: 64/16/32 of 112 round to exactly those numbers,
     and the fixed ``seed=0`` shuffle gives the same trajectories to every run.
     """
     n = p.n_train + p.n_val + p.n_test
@@ -170,15 +171,10 @@ def datamodule(data_dir: Path, dataset: str, p: Protocol) -> NetCDFDataModule:
     return NetCDFDataModule(
         path=str(data_path(data_dir, dataset, p)),
         variables=[variable],
-        in_steps=p.in_steps,
-        out_steps=p.out_steps,
-        rollout_steps=p.rollout_steps,
-        split_fractions=(p.n_train, p.n_val, p.n_test),
-        batch_size=p.batch_size,
-        pool_capacity=p.pool_capacity,
-        pool_policy="oldest",
-        pool_weight=p.pool_weight,
-        seed=0,
+        windows=WindowConfig(p.in_steps, p.out_steps, p.rollout_steps),
+        splits=SplitConfig(fractions=(p.n_train, p.n_val, p.n_test), seed=0),
+        loader=LoaderConfig(batch_size=p.batch_size),
+        pool=PoolConfig(capacity=p.pool_capacity, policy="oldest", weight=p.pool_weight),
         generator=gen,
     )
 

@@ -4,7 +4,7 @@ Three ways to serve the same training windows (``beamvq.datamodules.netcdf``):
 
 (a) in memory: the files read once into a float32 ``(sample, time, channel, y, x)`` array;
     an item is two numpy slices;
-(b) the memory-mapped ``.npy`` cache (``beamvq.datamodules.cache``) used above ``cache_above_mb``;
+(b) the memory-mapped ``.npy`` cache (``beamvq.datamodules.cache``) used above ``cache.above_mb``;
     an item is two slices of the map, copied out of the page cache;
 (c) naive: a Dataset that keeps the NetCDF file open and calls ``xarray`` ``isel`` per item and
     per variable/level (decoding int16 packing and zlib chunks every time), as much research
@@ -33,9 +33,11 @@ import xarray as xr
 from torch.utils.data import DataLoader, Dataset
 
 from beamvq.backbones.simvp import SimVPv2
+from beamvq.datamodules.config import CacheConfig, SelectionConfig, SplitConfig, WindowConfig
 from beamvq.datamodules.era5 import write_era5_like
-from beamvq.datamodules.netcdf import NetCDFDataModule, Sample, collate_windows
+from beamvq.datamodules.netcdf import NetCDFDataModule
 from beamvq.datamodules.synthetic import write_navier_stokes
+from beamvq.datamodules.windows import Sample, collate_windows
 
 
 class NaiveXarrayDataset(Dataset):
@@ -135,13 +137,10 @@ def run_case(name: str, dm: NetCDFDataModule, cache_dir: Path, args: argparse.Na
     cached = NetCDFDataModule(
         path=dm.path,
         variables=dm.variables,
-        levels=dm.levels,
-        in_steps=dm.in_steps,
-        out_steps=dm.out_steps,
-        time_step=dm.time_step_arg,
-        split_fractions=dm.split_fractions,
-        cache_above_mb=0,
-        cache_dir=str(cache_dir),
+        windows=dm.windows,
+        selection=dm.selection,
+        splits=dm.splits,
+        cache=CacheConfig(above_mb=0, dir=str(cache_dir)),
     )
     start = time.perf_counter()
     cached.setup()
@@ -149,7 +148,7 @@ def run_case(name: str, dm: NetCDFDataModule, cache_dir: Path, args: argparse.Na
     naive = NaiveXarrayDataset(
         str(lay.files[0].path),
         channels,
-        dm._starts["train"],
+        dm.plan.starts["train"],
         dm.in_steps,
         dm.target_steps,
         lay.time_dim,
@@ -174,7 +173,7 @@ def run_case(name: str, dm: NetCDFDataModule, cache_dir: Path, args: argparse.Na
     shape = lay.shape
     print(
         f"\n{name}: array (sample, time, channel, y, x) = {shape}, windows of "
-        f"{dm.in_steps} + {dm.target_steps} frames, {len(dm._starts['train'])} training windows, "
+        f"{dm.in_steps} + {dm.target_steps} frames, {len(dm.plan.starts['train'])} training windows, "
         f"batch {args.batch_size}; one-time cache conversion {convert_s:.2f} s"
     )
     base = rates["(c) naive xarray isel"][0]
@@ -228,7 +227,10 @@ def main() -> None:
         run_case(
             "(1) Navier-Stokes 64x64, 10 + 10 frames",
             NetCDFDataModule(
-                str(ns), ["vorticity"], in_steps=10, out_steps=10, split_fractions=(1, 0, 0)
+                str(ns),
+                ["vorticity"],
+                windows=WindowConfig(in_steps=10, out_steps=10),
+                splits=SplitConfig(fractions=(1, 0, 0)),
             ),
             Path(tmp) / "cache_ns",
             args,
@@ -238,11 +240,9 @@ def main() -> None:
             NetCDFDataModule(
                 str(era5),
                 ["z", "t", "t2m"],
-                levels=[500, 850],
-                in_steps=12,
-                out_steps=12,
-                time_step="6h",
-                split_fractions=(1, 0, 0),
+                windows=WindowConfig(in_steps=12, out_steps=12),
+                selection=SelectionConfig(levels=[500, 850], time_step="6h"),
+                splits=SplitConfig(fractions=(1, 0, 0)),
             ),
             Path(tmp) / "cache_era5",
             args,

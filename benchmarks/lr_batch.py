@@ -48,6 +48,7 @@ import pytorch_lightning as pl
 import torch
 
 from beamvq.backbones.unet import UNet
+from beamvq.datamodules.config import LoaderConfig, SplitConfig
 from beamvq.datamodules.netcdf import NetCDFDataModule
 from beamvq.datamodules.synthetic import NavierStokesGenerator
 from beamvq.module import ForecastModule
@@ -91,8 +92,8 @@ def train_once(
     dm = NetCDFDataModule(
         path=str(data_path),
         variables=["vorticity"],
-        batch_size=batch_size,
-        seed=0,
+        loader=LoaderConfig(batch_size=batch_size),
+        splits=SplitConfig(seed=0),
         generator=NavierStokesGenerator(
             n_trajectories=24, resolution=resolution, n_frames=20, seed=0
         ),

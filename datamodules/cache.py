@@ -5,7 +5,7 @@ The first run converts the selected variables, levels, box and times once into o
 the raw C-ordered array, so ``np.load(mmap_mode="r")`` maps it without reading it). Reading a
 window is then a contiguous slice served by the page cache, with no decoding and no NetCDF handle.
 
-Layout of one entry, ``<cache_dir>/<stem>-<key>/``:
+Layout of one entry, ``<data.cache.dir>/<stem>-<key>/``:
 
 - ``data.npy``: the array;
 - ``stats.npz``: per-frame statistics gathered during the conversion (so splits, normalization
@@ -33,6 +33,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from beamvq.datamodules.scan import Layout
+
 log = logging.getLogger(__name__)
 
 # bump when the file layout changes, so old entries are not read with new code
@@ -56,6 +58,28 @@ def cache_key(files: Sequence[tuple[str, np.ndarray]], selection: dict) -> str:
         h.update(np.ascontiguousarray(time_index, dtype=np.int64).tobytes())
     h.update(json.dumps(selection, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
+
+
+def layout_entry_name(lay: Layout) -> str:
+    """The entry of a layout: ``<first file stem>-<key of its files and selection>``."""
+    key = cache_key(
+        files=[(f.path, f.time_index) for f in lay.files],
+        selection={
+            "channels": [list(c) for c in lay.channels],
+            "dims": [lay.time_dim, lay.y_dim, lay.x_dim, lay.level_dim, lay.sample_dim],
+            "y_index": lay.y_index.tolist(),
+            "x_index": lay.x_index.tolist(),
+        },
+    )
+    return f"{Path(lay.files[0].path).stem}-{key}"
+
+
+def cache_root(folder: str | None) -> Path:
+    """The cache folder: ``folder`` (``data.cache.dir``), else ``$BEAMVQ_CACHE``, else
+    ``~/.cache/beamvq``."""
+    if folder is not None:
+        return Path(folder)
+    return Path(os.environ.get("BEAMVQ_CACHE", Path.home() / ".cache" / "beamvq"))
 
 
 def entry_dir(root: Path, name: str) -> Path:
@@ -87,7 +111,7 @@ def ensure_cache(
         Path(root).mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
     except OSError as err:
-        raise OSError(f"data.cache_dir: cannot create the cache folder {root}: {err}") from err
+        raise OSError(f"data.cache.dir: cannot create the cache folder {root}: {err}") from err
     size_gb = float(np.prod(shape)) * 4 / 2**30
     log.info("converting %s to a memory-mapped cache %s (%.2f GiB)", description, folder, size_gb)
     start = time.perf_counter()

@@ -58,6 +58,50 @@ def _level_ref(table: dict[int, float], level: float) -> float:
     return float(np.interp(level, keys, [table[k] for k in keys]))
 
 
+def _check_args(convention: str, n_times: int, step_hours: int, levels: tuple) -> None:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    if n_times < 1 or step_hours < 1 or not levels:
+        raise ValueError(
+            f"need n_times >= 1, step_hours >= 1 and a level; got {n_times}, {step_hours}, {levels}"
+        )
+
+
+def _planetary_waves(
+    rng: np.random.Generator, t_ax: np.ndarray, phi: np.ndarray, lam: np.ndarray
+) -> np.ndarray:
+    """Eastward-travelling zonal wavenumbers 2-6 ``(T, lat, lon)``, peaking in mid-latitudes."""
+    waves = np.zeros((t_ax.shape[0], phi.shape[1], lam.shape[2]))
+    for k in range(2, 7):
+        period_days = rng.uniform(3.0, 12.0)
+        amp = rng.uniform(0.5, 1.0) / k**0.5
+        phase = rng.uniform(0, 2 * np.pi)
+        # eastward travel: phase k(λ - ω t); the amplitude slowly modulated over ~a month
+        mod = 1.0 + 0.3 * np.sin(
+            2 * np.pi * t_ax / rng.uniform(20.0, 40.0) + rng.uniform(0, 2 * np.pi)
+        )
+        waves += amp * mod * np.cos(k * lam - 2 * np.pi * t_ax / period_days + phase)
+    envelope = np.exp(-(((np.abs(phi) - np.deg2rad(45.0)) / np.deg2rad(20.0)) ** 2))
+    return waves * envelope
+
+
+def _red_noise(
+    rng: np.random.Generator, n_times: int, phi: np.ndarray, lam: np.ndarray
+) -> np.ndarray:
+    """AR(1) red noise in time, smooth in space (a few low modes), ``(T, lat, lon)``."""
+    noise = np.zeros((n_times, phi.shape[1], lam.shape[2]))
+    state = np.zeros(noise.shape[1:])
+    basis = [
+        np.cos(m * lam[0] + rng.uniform(0, 2 * np.pi)) * np.cos(n * phi[0])
+        for m in range(1, 4)
+        for n in range(0, 3)
+    ]
+    for i in range(n_times):
+        state = 0.9 * state + 0.1 * sum(rng.standard_normal() * b for b in basis)
+        noise[i] = state
+    return noise
+
+
 def generate_era5_like(
     n_times: int = 2924,
     start: str = "2000-01-01",
@@ -72,12 +116,7 @@ def generate_era5_like(
     Packing happens when writing (``write_era5_like``): the variables carry the int16
     ``scale_factor``/``add_offset``/``_FillValue`` in their ``encoding``.
     """
-    if convention not in CONVENTIONS:
-        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
-    if n_times < 1 or step_hours < 1 or not levels:
-        raise ValueError(
-            f"need n_times >= 1, step_hours >= 1 and a level; got {n_times}, {step_hours}, {levels}"
-        )
+    _check_args(convention, n_times, step_hours, levels)
     rng = np.random.default_rng(seed)
     lat, lon = grid(resolution_deg, descending=convention != "weatherbench")
     time = pd.date_range(start, periods=n_times, freq=f"{step_hours}h")
@@ -87,29 +126,8 @@ def generate_era5_like(
     t_ax = days[:, None, None]
     # the seasonal cycle: warm northern summer, cold southern, peak on ~July 15
     season = np.cos(2 * np.pi * (t_ax - 196.0) / 365.25) * np.sin(phi)
-    envelope = np.exp(-(((np.abs(phi) - np.deg2rad(45.0)) / np.deg2rad(20.0)) ** 2))
-    waves = np.zeros((n_times, lat.size, lon.size))
-    for k in range(2, 7):
-        period_days = rng.uniform(3.0, 12.0)
-        amp = rng.uniform(0.5, 1.0) / k**0.5
-        phase = rng.uniform(0, 2 * np.pi)
-        # eastward travel: phase k(λ - ω t); the amplitude slowly modulated over ~a month
-        mod = 1.0 + 0.3 * np.sin(
-            2 * np.pi * t_ax / rng.uniform(20.0, 40.0) + rng.uniform(0, 2 * np.pi)
-        )
-        waves += amp * mod * np.cos(k * lam - 2 * np.pi * t_ax / period_days + phase)
-    waves *= envelope
-    # AR(1) red noise in time, smooth in space (a few low modes)
-    noise = np.zeros_like(waves)
-    state = np.zeros((lat.size, lon.size))
-    basis = [
-        np.cos(m * lam[0] + rng.uniform(0, 2 * np.pi)) * np.cos(n * phi[0])
-        for m in range(1, 4)
-        for n in range(0, 3)
-    ]
-    for i in range(n_times):
-        state = 0.9 * state + 0.1 * sum(rng.standard_normal() * b for b in basis)
-        noise[i] = state
+    waves = _planetary_waves(rng, t_ax, phi, lam)
+    noise = _red_noise(rng, n_times, phi, lam)
     zonal = np.sin(phi) ** 2
     z = np.stack(
         [

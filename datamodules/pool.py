@@ -2,10 +2,11 @@
 
 BeamVQ (arXiv 2502.18925, stage 3) adds the self-ensembled pseudo-targets of the beam search to
 the training data, round after round. The pool holds them in physical units, capped at
-``capacity``: beyond it the oldest (``policy="oldest"``) or the lowest-scoring (``"worst"``)
-samples are dropped. It remembers each sample's source (``beamvq.protocols.SOURCE_KINDS``: a
-training window with its index in the train split, or an unlabelled input with its id), so
-reports find the recorded future of a pseudo-target by index, never by comparing pixels.
+``capacity``: beyond it the oldest (``policy="oldest"``) or the lowest-scoring (``"worst"``;
+among equal scores the older) samples are dropped. It remembers each sample's source
+(``beamvq.protocols.SOURCE_KINDS``: a training window with its index in the train split, or an
+unlabelled input with its id), so reports find the recorded future of a pseudo-target by index,
+never by comparing pixels.
 
 The pool is part of the datamodule's ``state_dict`` (checkpoints restore it) and must be the same
 on every DDP rank: callers gather before ``add``.
@@ -22,13 +23,14 @@ import xarray as xr
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from beamvq.datamodules.config import PoolConfig
 from beamvq.protocols import SOURCE_KINDS, Batch, DataInfo, PoolSamples
-
-POOL_POLICIES = ("oldest", "worst")
 
 
 class AugmentedPool:
     """A capped pool of pseudo-labelled samples (``beamvq.protocols.Pool``).
+
+    ``from_config`` builds it from the datamodule's ``data.pool`` settings (``PoolConfig``).
 
     Args:
         capacity: most samples kept (0 keeps none).
@@ -37,17 +39,16 @@ class AugmentedPool:
     """
 
     def __init__(self, capacity: int = 256, policy: str = "worst", weight: float = 0.5) -> None:
-        if int(capacity) < 0:
-            raise ValueError(f"data.pool_capacity must be >= 0, got {capacity}")
-        if policy not in POOL_POLICIES:
-            raise ValueError(f"data.pool_policy must be one of {POOL_POLICIES}, got {policy!r}")
-        if not float(weight) >= 0.0:
-            raise ValueError(f"data.pool_weight must be >= 0, got {weight}")
-        self.capacity = int(capacity)
-        self.policy = policy
-        self.weight = float(weight)
+        config = PoolConfig(capacity, policy, weight)  # checks the values, naming data.pool.*
+        self.capacity = config.capacity
+        self.policy = config.policy
+        self.weight = config.weight
         self._samples = _empty()
         self._counter = 0
+
+    @classmethod
+    def from_config(cls, config: PoolConfig) -> AugmentedPool:
+        return cls(config.capacity, config.policy, config.weight)
 
     @property
     def size(self) -> int:
@@ -88,11 +89,20 @@ class AugmentedPool:
             *(torch.cat([old, add]) for old, add in zip(self._samples, new))
         )  # fmt: skip
         if merged.x.shape[0] > self.capacity:
-            key = merged.score if self.policy == "worst" else merged.age.float()
-            keep = torch.sort(torch.topk(key, self.capacity).indices).values
+            keep = self._kept(merged)
             merged = PoolSamples(*(t[keep] for t in merged))
         self._samples = merged
         return int((merged.age >= first_new).sum())
+
+    def _kept(self, merged: PoolSamples) -> Tensor:
+        """Positions of the ``capacity`` samples kept, in order of addition: the newest
+        (``"oldest"`` drops the oldest), or the highest scores (``"worst"``), the newer sample
+        first among equal scores (it comes from the later, better-trained model)."""
+        order = torch.argsort(merged.age, descending=True)
+        if self.policy == "worst":
+            # a stable sort by score keeps the newest-first order among equal scores
+            order = order[torch.sort(merged.score[order], descending=True, stable=True).indices]
+        return torch.sort(order[: self.capacity]).values
 
     def dataset(self) -> Dataset:
         """The pool as a training dataset of ``Batch`` items (index -1, the pool's weight)."""

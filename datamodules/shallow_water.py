@@ -123,6 +123,17 @@ def _tendency(q: np.ndarray, dx: float, dy: float, g: float) -> _Tendency:
     return _Tendency(tendency, float(outflow_rate), ax / dx + ay / dy)
 
 
+def _check_run(h0: np.ndarray, t_end: float, n_frames: int, cfl: float) -> None:
+    if h0.ndim != 2 or h0.shape[0] < 2 or h0.shape[1] < 2:
+        raise ValueError(f"h0 must be a 2-D field of at least 2x2 cells, got shape {h0.shape}")
+    if not np.all(h0 > 0):
+        raise ValueError("h0 must be positive everywhere (no dry cells)")
+    if not 0.0 < cfl <= 0.5:
+        raise ValueError(f"cfl must be in (0, 0.5] for the unsplit Rusanov scheme, got {cfl}")
+    if n_frames < 2 or t_end <= 0:
+        raise ValueError(f"need n_frames >= 2 and t_end > 0, got {n_frames}, {t_end}")
+
+
 def simulate_shallow_water(
     h0: np.ndarray,
     half_width: float = DOMAIN_HALF_WIDTH,
@@ -135,14 +146,7 @@ def simulate_shallow_water(
 
     Frames are saved at ``linspace(0, t_end, n_frames)``; frame 0 is the initial state.
     """
-    if h0.ndim != 2 or h0.shape[0] < 2 or h0.shape[1] < 2:
-        raise ValueError(f"h0 must be a 2-D field of at least 2x2 cells, got shape {h0.shape}")
-    if not np.all(h0 > 0):
-        raise ValueError("h0 must be positive everywhere (no dry cells)")
-    if not 0.0 < cfl <= 0.5:
-        raise ValueError(f"cfl must be in (0, 0.5] for the unsplit Rusanov scheme, got {cfl}")
-    if n_frames < 2 or t_end <= 0:
-        raise ValueError(f"need n_frames >= 2 and t_end > 0, got {n_frames}, {t_end}")
+    _check_run(h0, t_end, n_frames, cfl)
     ny, nx = h0.shape
     dy = 2.0 * half_width / ny
     dx = 2.0 * half_width / nx

@@ -23,8 +23,11 @@ from beamvq.backbones import ResNet
 from beamvq.bottleneck import VQBottleneck
 from beamvq.callbacks.beam_search import BeamSearchAugmentation
 from beamvq.cli import main
-from beamvq.datamodules.netcdf import NetCDFDataModule, WindowDataset, future_free_starts
+from beamvq.datamodules.config import LoaderConfig, PoolConfig, SplitConfig, WindowConfig
+from beamvq.datamodules.netcdf import NetCDFDataModule
+from beamvq.datamodules.splits import future_free_starts
 from beamvq.datamodules.synthetic import NavierStokesGenerator, write_navier_stokes
+from beamvq.datamodules.windows import WindowDataset
 from beamvq.metrics import NegMSEScorer, SpectrumScorer
 from beamvq.module import ForecastModule
 from beamvq.selftrain import SearchConfig
@@ -45,9 +48,9 @@ class SpyDataModule(NetCDFDataModule):
 
     def __init__(self, path: str) -> None:
         super().__init__(
-            path=path, variables=["vorticity"], in_steps=T_IN, out_steps=T_OUT,
-            rollout_steps=STEPS, batch_size=4, split_fractions=(0.5, 0.25, 0.25),
-            pool_capacity=1000,
+            path=path, variables=["vorticity"], windows=WindowConfig(T_IN, T_OUT, STEPS),
+            loader=LoaderConfig(batch_size=4), splits=SplitConfig(fractions=(0.5, 0.25, 0.25)),
+            pool=PoolConfig(capacity=1000),
             generator=NavierStokesGenerator(n_trajectories=6, resolution=16, n_frames=9),
         )  # fmt: skip
         self.recording = False
@@ -426,8 +429,9 @@ def shrink_config(name: str, tmp: Path) -> Path:
         kept.append(cb)
     tr["callbacks"] = kept
     data = cfg["data"]["init_args"]
-    window = data["in_steps"] + data["out_steps"] * data["rollout_steps"]
-    data.update(path=str(tmp / "data.nc"), batch_size=4)
+    steps = data["windows"]
+    window = steps["in_steps"] + steps["out_steps"] * steps["rollout_steps"]
+    data.update(path=str(tmp / "data.nc"), loader={"batch_size": 4})
     gen = data["generator"]["init_args"]
     gen.update(n_trajectories=6, n_frames=window + 1)
     for key in ("resolution", "height", "width"):

@@ -21,7 +21,7 @@ TINY = [
     "32",
     "--data.init_args.generator.init_args.n_frames",
     "12",
-    "--data.init_args.batch_size",
+    "--data.init_args.loader.batch_size",
     "4",
     "--trainer.max_epochs",
     "1",
@@ -164,7 +164,11 @@ def test_window_longer_than_series(tmp_path: Path, tiny_file: Path) -> None:
         match=r"ns.nc: .*one window needs in_steps \+ out_steps x rollout_steps = 8 \+ 5 x 1 = 13",
     ):
         run_fit(
-            tmp_path, "--data.init_args.in_steps", "8", "--model.backbone.init_args.in_steps", "8"
+            tmp_path,
+            "--data.init_args.windows.in_steps",
+            "8",
+            "--model.backbone.init_args.in_steps",
+            "8",
         )
 
 
@@ -187,7 +191,7 @@ def test_unknown_class_is_named(
 
 def test_shape_mismatch_between_data_and_model(tmp_path: Path, tiny_file: Path) -> None:
     with pytest.raises(ValueError, match="data.in_steps=4 but the model expects 5"):
-        run_fit(tmp_path, "--data.init_args.in_steps", "4")
+        run_fit(tmp_path, "--data.init_args.windows.in_steps", "4")
 
 
 def test_print_config_composes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -91,7 +91,7 @@ def test_fit_smoke(
         "--trainer.logger", "false",
         "--trainer.default_root_dir", str(tmp_path / "run"),
         "--data.init_args.path", str(ns_file),
-        "--data.init_args.batch_size", "2",
+        "--data.init_args.loader.batch_size", "2",
         *data_args,
         *backbone_grid_args(name),
     ])  # fmt: skip

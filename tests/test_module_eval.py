@@ -17,6 +17,7 @@ from beamvq import metrics, search
 from beamvq.backbones import ResNet
 from beamvq.bottleneck import VQBottleneck
 from beamvq.callbacks.prediction_writer import NetCDFPredictionWriter
+from beamvq.datamodules.config import LoaderConfig, SplitConfig, WindowConfig
 from beamvq.datamodules.netcdf import NetCDFDataModule
 from beamvq.datamodules.synthetic import NavierStokesGenerator, write_navier_stokes
 from beamvq.module import EnsembleMetrics, ForecastMetrics, ForecastModule
@@ -33,8 +34,8 @@ def ns_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def make_dm(path: Path) -> NetCDFDataModule:
     return NetCDFDataModule(
-        path=str(path), variables=["vorticity"], in_steps=T_IN, out_steps=T_OUT,
-        rollout_steps=STEPS, batch_size=4, split_fractions=(0.5, 0.25, 0.25),
+        path=str(path), variables=["vorticity"], windows=WindowConfig(T_IN, T_OUT, STEPS),
+        loader=LoaderConfig(batch_size=4), splits=SplitConfig(fractions=(0.5, 0.25, 0.25)),
         generator=NavierStokesGenerator(n_trajectories=6, resolution=16, n_frames=9),
     )  # fmt: skip
 

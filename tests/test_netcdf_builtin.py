@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from beamvq.cli import main
+from beamvq.datamodules.config import SelectionConfig, SplitConfig, WindowConfig
 from beamvq.datamodules.era5 import ERA5LikeGenerator
 from beamvq.datamodules.netcdf import NetCDFDataModule
 from beamvq.datamodules.shallow_water import DOMAIN_HALF_WIDTH, ShallowWaterGenerator
@@ -20,9 +21,8 @@ def test_shallow_water_datamodule_conserves_mass(tmp_path: Path) -> None:
     dm = NetCDFDataModule(
         path=str(tmp_path / "sw.nc"),
         variables=["h", "u", "v"],
-        in_steps=4,
-        out_steps=4,
-        split_fractions=(0.5, 0.25, 0.25),
+        windows=WindowConfig(in_steps=4, out_steps=4),
+        splits=SplitConfig(fractions=(0.5, 0.25, 0.25)),
         generator=ShallowWaterGenerator(n_trajectories=4, resolution=res, n_frames=21),
     )
     dm.prepare_data()
@@ -42,7 +42,7 @@ def test_shallow_water_datamodule_conserves_mass(tmp_path: Path) -> None:
             np.testing.assert_allclose(mass, mass[0], rtol=1e-3)
             assert (frames > 0).all()
     # initially at rest, 2 m of water inside the dam and 1 m outside
-    first = dm._data[:, 0]
+    first = dm.array[:, 0]
     assert set(np.unique(first[:, 0])) == {1.0, 2.0}
     np.testing.assert_array_equal(first[:, 1:], 0.0)
 
@@ -52,14 +52,14 @@ def test_era5_like_datamodule_generates_once(tmp_path: Path) -> None:
     dm = NetCDFDataModule(
         path=str(path),
         variables=["z", "t", "t2m"],
-        levels=[500, 850],
-        in_steps=4,
-        out_steps=4,
-        time_step="6h",
+        windows=WindowConfig(in_steps=4, out_steps=4),
+        selection=SelectionConfig(levels=[500, 850], time_step="6h"),
+        splits=SplitConfig(
+            train_period=("2000-01-01", "2000-01-08"),
+            val_period=("2000-01-09", "2000-01-10"),
+            test_period=("2000-01-11", "2000-01-12"),
+        ),
         generator=ERA5LikeGenerator(n_times=48),
-        train_period=("2000-01-01", "2000-01-08"),
-        val_period=("2000-01-09", "2000-01-10"),
-        test_period=("2000-01-11", "2000-01-12"),
     )
     dm.prepare_data()
     stamp = path.stat().st_mtime_ns
@@ -67,7 +67,7 @@ def test_era5_like_datamodule_generates_once(tmp_path: Path) -> None:
     assert path.stat().st_mtime_ns == stamp
     assert dm.channel_names == ["z500", "z850", "t500", "t850", "t2m"]
     assert dm.grid == (32, 64) and dm.latitude[0] == pytest.approx(87.1875)
-    assert [len(dm._starts[s]) for s in ("train", "val", "test")] == [32 - 7, 8 - 7, 8 - 7]
+    assert [len(dm.plan.starts[s]) for s in ("train", "val", "test")] == [32 - 7, 8 - 7, 8 - 7]
 
 
 @pytest.mark.parametrize(
@@ -109,13 +109,13 @@ def test_era5_like_config_trains_from_the_cli(
             str(tmp_path / "era5.nc"),
             "--data.init_args.generator.init_args.n_times",
             "48",
-            "--data.init_args.train_period",
+            "--data.init_args.splits.train_period",
             "[2000-01-01, 2000-01-08]",
-            "--data.init_args.val_period",
+            "--data.init_args.splits.val_period",
             "[2000-01-09, 2000-01-10]",
-            "--data.init_args.test_period",
+            "--data.init_args.splits.test_period",
             "[2000-01-11, 2000-01-12]",
-            "--data.init_args.batch_size",
+            "--data.init_args.loader.batch_size",
             "4",
             "--model.backbone.init_args.hid_s",
             "8",

@@ -11,12 +11,20 @@ import torch
 import xarray as xr
 from torch.utils.data import DataLoader
 
-import beamvq.datamodules.netcdf as netcdf
+import beamvq.datamodules.reading as reading
+from beamvq.datamodules.config import (
+    CacheConfig,
+    LoaderConfig,
+    QualityConfig,
+    SelectionConfig,
+    SplitConfig,
+    WindowConfig,
+)
 from beamvq.datamodules.era5 import generate_era5_like, pack_encoding, write_era5_like
 from beamvq.datamodules.io import write_netcdf
-from beamvq.datamodules.netcdf import (
+from beamvq.datamodules.netcdf import NetCDFDataModule
+from beamvq.datamodules.windows import (
     MemmapWindowDataset,
-    NetCDFDataModule,
     WindowBatch,
     WindowDataset,
     collate_windows,
@@ -28,11 +36,10 @@ SMALL = dict(n_times=32, resolution_deg=22.5, levels=(500.0, 850.0))
 def _dm(path: str, **kwargs: object) -> NetCDFDataModule:
     args: dict = dict(
         variables=["z", "t", "t2m"],
-        levels=[500, 850],
-        in_steps=2,
-        out_steps=2,
-        batch_size=4,
-        split_fractions=(0.5, 0.25, 0.25),
+        selection=SelectionConfig(levels=[500, 850]),
+        windows=WindowConfig(in_steps=2, out_steps=2),
+        loader=LoaderConfig(batch_size=4),
+        splits=SplitConfig(fractions=(0.5, 0.25, 0.25)),
     )
     args.update(kwargs)
     return NetCDFDataModule(path=path, **args)
@@ -51,11 +58,11 @@ def _all_items(ds: torch.utils.data.Dataset) -> tuple[torch.Tensor, torch.Tensor
 def test_cache_matches_memory(tmp_path: Path, era5_file: str) -> None:
     mem = _dm(era5_file)
     mem.setup()
-    cached = _dm(era5_file, cache_above_mb=0, cache_dir=str(tmp_path / "cache"))
+    cached = _dm(era5_file, cache=CacheConfig(above_mb=0, dir=str(tmp_path / "cache")))
     cached.prepare_data()
     cached.setup()
-    assert cached._data is None and cached._cache_file is not None
-    assert cached._cache_file.parent.parent == tmp_path / "cache"
+    assert cached.array is None and cached.cache_file is not None
+    assert cached.cache_file.parent.parent == tmp_path / "cache"
     for split in ("train", "val", "test"):
         a, b = mem.dataset(split), cached.dataset(split)
         assert isinstance(a, WindowDataset) and isinstance(b, MemmapWindowDataset)
@@ -68,9 +75,9 @@ def test_cache_matches_memory(tmp_path: Path, era5_file: str) -> None:
     np.testing.assert_allclose(mem.climatology, cached.climatology, rtol=1e-6)
     assert "memory-mapped cache" in cached.check()
     # the .npy is the (sample, time, channel, y, x) array itself
-    arr = np.load(cached._cache_file, mmap_mode="r")
+    arr = np.load(cached.cache_file, mmap_mode="r")
     assert arr.shape == (1, 32, 5, 8, 16) and arr.dtype == np.float32
-    np.testing.assert_array_equal(arr, mem._data)
+    np.testing.assert_array_equal(arr, mem.array)
 
 
 def test_conversion_runs_once_and_follows_file_changes(
@@ -80,26 +87,27 @@ def test_conversion_runs_once_and_follows_file_changes(
     calls = []
     original = NetCDFDataModule.read_into
 
-    def counting(self: NetCDFDataModule, out: np.ndarray) -> netcdf.FrameStats:
+    def counting(self: NetCDFDataModule, out: np.ndarray) -> reading.FrameStats:
         calls.append(out.shape)
         return original(self, out)
 
     monkeypatch.setattr(NetCDFDataModule, "read_into", counting)
+    cache = CacheConfig(above_mb=0, dir=str(tmp_path / "cache"))
     for _ in range(2):
-        dm = _dm(path, cache_above_mb=0, cache_dir=str(tmp_path / "cache"))
+        dm = _dm(path, cache=cache)
         dm.prepare_data()
         dm.setup()
     assert len(calls) == 1
-    first = dm._cache_file
+    first = dm.cache_file
     # a different selection is a different entry
-    dm = _dm(path, cache_above_mb=0, cache_dir=str(tmp_path / "cache"), lat_range=(0, 90))
+    dm = _dm(path, cache=cache, selection=SelectionConfig(levels=[500, 850], lat_range=(0, 90)))
     dm.setup()
-    assert len(calls) == 2 and dm._cache_file != first
+    assert len(calls) == 2 and dm.cache_file != first
     # a rewritten file (new size/mtime) is converted again, never read stale
     write_era5_like(path, **(SMALL | dict(seed=1)))
-    dm = _dm(path, cache_above_mb=0, cache_dir=str(tmp_path / "cache"))
+    dm = _dm(path, cache=cache)
     dm.setup()
-    assert len(calls) == 3 and dm._cache_file != first
+    assert len(calls) == 3 and dm.cache_file != first
     assert not list((tmp_path / "cache").glob(".*.tmp"))  # no temporary folder left
 
 
@@ -109,15 +117,19 @@ def test_streaming_in_small_blocks(
     ref = _dm(era5_file)
     ref.setup()
     # three frames per read: many blocks per file and variable
-    monkeypatch.setattr(netcdf, "READ_BLOCK_BYTES", 3 * 8 * 16 * 4)
-    small = _dm(era5_file, cache_above_mb=0, cache_dir=str(tmp_path))
+    monkeypatch.setattr(reading, "READ_BLOCK_BYTES", 3 * 8 * 16 * 4)
+    small = _dm(era5_file, cache=CacheConfig(above_mb=0, dir=str(tmp_path)))
     small.setup()
-    np.testing.assert_array_equal(np.load(small._cache_file), ref._data)
+    np.testing.assert_array_equal(np.load(small.cache_file), ref.array)
     np.testing.assert_allclose(small.normalization.std, ref.normalization.std, rtol=1e-6)
 
 
 def test_workers_open_the_map_lazily(tmp_path: Path, era5_file: str) -> None:
-    dm = _dm(era5_file, cache_above_mb=0, cache_dir=str(tmp_path), num_workers=2)
+    dm = _dm(
+        era5_file,
+        cache=CacheConfig(above_mb=0, dir=str(tmp_path)),
+        loader=LoaderConfig(batch_size=4, num_workers=2),
+    )
     dm.setup()
     ds = dm.dataset("train")
     assert ds._array is None  # nothing mapped until an item is read
@@ -144,13 +156,12 @@ def test_fill_policy_on_the_cache(tmp_path: Path) -> None:
     path = str(write_netcdf(ds, tmp_path / "holes.nc"))
     dm = _dm(
         path,
-        cache_above_mb=0,
-        cache_dir=str(tmp_path / "c"),
-        max_nan_fraction=0.01,
-        split_fractions=(1, 0, 0),
+        cache=CacheConfig(above_mb=0, dir=str(tmp_path / "c")),
+        quality=QualityConfig(max_nan_fraction=0.01),
+        splits=SplitConfig(fractions=(1, 0, 0)),
     )
     dm.setup()
-    assert np.isnan(np.load(dm._cache_file)).sum() == 4  # the cache keeps the file's values
+    assert np.isnan(np.load(dm.cache_file)).sum() == 4  # the cache keeps the file's values
     item = dm.dataset("train")[2]  # window of frames 2..5 holds frame 3 at input position 1
     assert torch.isfinite(item.x).all() and torch.isfinite(item.y).all()
     torch.testing.assert_close(
@@ -160,27 +171,27 @@ def test_fill_policy_on_the_cache(tmp_path: Path) -> None:
 
 def test_multi_node_settings_and_bad_cache_dir(tmp_path: Path, era5_file: str) -> None:
     assert _dm(era5_file).prepare_data_per_node is False  # shared cache: global rank 0 converts
-    assert _dm(era5_file, cache_per_node=True).prepare_data_per_node is True
+    assert _dm(era5_file, cache=CacheConfig(per_node=True)).prepare_data_per_node is True
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    dm = _dm(era5_file, cache_above_mb=0, cache_dir=str(blocker))
-    with pytest.raises(OSError, match=r"data.cache_dir: cannot create the cache folder .*a_file"):
+    dm = _dm(era5_file, cache=CacheConfig(above_mb=0, dir=str(blocker)))
+    with pytest.raises(OSError, match=r"data.cache.dir: cannot create the cache folder .*a_file"):
         dm.setup()
 
 
 def test_cache_threshold_decides(era5_file: str, tmp_path: Path) -> None:
     # the sample is 32 * 5 * 8 * 16 * 4 bytes = 80 KiB
-    below = _dm(era5_file, cache_above_mb=0.1, cache_dir=str(tmp_path))
+    below = _dm(era5_file, cache=CacheConfig(above_mb=0.1, dir=str(tmp_path)))
     below.setup()
-    above = _dm(era5_file, cache_above_mb=0.05, cache_dir=str(tmp_path))
+    above = _dm(era5_file, cache=CacheConfig(above_mb=0.05, dir=str(tmp_path)))
     above.setup()
-    assert below._data is not None and above._data is None
+    assert below.array is not None and above.array is None
     with xr.open_dataset(era5_file) as ds:
         assert ds.sizes["time"] == 32
 
 
 def test_batched_gather_matches_items(tmp_path: Path, era5_file: str) -> None:
-    for kwargs in ({}, {"cache_above_mb": 0, "cache_dir": str(tmp_path)}):
+    for kwargs in ({}, {"cache": CacheConfig(above_mb=0, dir=str(tmp_path))}):
         dm = _dm(era5_file, **kwargs)
         dm.setup()
         ds = dm.dataset("train")

@@ -8,6 +8,14 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from beamvq.datamodules.config import (
+    DimsConfig,
+    LoaderConfig,
+    QualityConfig,
+    SelectionConfig,
+    SplitConfig,
+    WindowConfig,
+)
 from beamvq.datamodules.era5 import generate_era5_like, pack_encoding, write_era5_like
 from beamvq.datamodules.io import write_netcdf
 from beamvq.datamodules.netcdf import NetCDFDataModule
@@ -15,11 +23,16 @@ from beamvq.datamodules.synthetic import NavierStokesGenerator
 
 # a tiny ERA5-like sample: 8 x 16 grid, 40 six-hourly steps (10 days)
 SMALL = dict(n_times=40, resolution_deg=22.5, levels=(500.0, 850.0))
+LEVELS = [500, 850]
+ONE_SERIES = SplitConfig(fractions=(1, 0, 0))
 
 
 def _dm(path: str | list[str], **kwargs: object) -> NetCDFDataModule:
     args: dict = dict(
-        variables=["z", "t", "t2m"], levels=[500, 850], in_steps=2, out_steps=2, batch_size=4
+        variables=["z", "t", "t2m"],
+        selection=SelectionConfig(levels=LEVELS),
+        windows=WindowConfig(in_steps=2, out_steps=2),
+        loader=LoaderConfig(batch_size=4),
     )
     args.update(kwargs)
     dm = NetCDFDataModule(path=path, **args)
@@ -28,8 +41,8 @@ def _dm(path: str | list[str], **kwargs: object) -> NetCDFDataModule:
 
 
 def _frames(dm: NetCDFDataModule) -> np.ndarray:
-    assert dm._data is not None
-    return dm._data
+    assert dm.array is not None
+    return dm.array
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +106,11 @@ def test_explicit_dims_cf_axis_and_size_one_dims(tmp_path: Path) -> None:
     path = write_netcdf(ds, tmp_path / "odd.nc")
     # time by explicit name, y/x by the CF axis attribute, the size-1 ``number`` dropped
     dm = NetCDFDataModule(
-        str(path), ["rain"], in_steps=2, out_steps=1, time_dim="step", split_fractions=(1, 0, 0)
+        str(path),
+        ["rain"],
+        windows=WindowConfig(in_steps=2, out_steps=1),
+        dims=DimsConfig(time="step"),
+        splits=ONE_SERIES,
     )
     dm.setup()
     assert (dm.time_dim, dm.y_dim, dm.x_dim) == ("step", "row", "col")
@@ -122,7 +139,10 @@ def test_many_files_glob_list_and_any_order(tmp_path: Path, era5_file: Path) -> 
 
 def test_lat_lon_box_and_wrapping_longitudes(era5_file: Path) -> None:
     full = _dm(str(era5_file))
-    box = _dm(str(era5_file), lat_range=(0, 60), lon_range=(90, 180))
+    box = _dm(
+        str(era5_file),
+        selection=SelectionConfig(levels=LEVELS, lat_range=(0, 60), lon_range=(90, 180)),
+    )
     lat = full.latitude
     lon = full.coords["longitude"].values
     rows = np.flatnonzero((lat >= 0) & (lat <= 60))
@@ -131,7 +151,7 @@ def test_lat_lon_box_and_wrapping_longitudes(era5_file: Path) -> None:
     assert box.latitude[0] > box.latitude[-1]  # order kept
     np.testing.assert_array_equal(_frames(box), _frames(full)[..., rows[:, None], cols])
     # a box across the 0 meridian: 315 .. 45 runs west to east through 0
-    wrap = _dm(str(era5_file), lon_range=(315, 45))
+    wrap = _dm(str(era5_file), selection=SelectionConfig(levels=LEVELS, lon_range=(315, 45)))
     np.testing.assert_array_equal(wrap.coords["longitude"].values, [315.0, 337.5, 0.0, 22.5, 45.0])
     np.testing.assert_array_equal(_frames(wrap), _frames(full)[..., [14, 15, 0, 1, 2]])
 
@@ -140,9 +160,10 @@ def test_time_range_and_time_step_subsampling(era5_file: Path) -> None:
     full = _dm(str(era5_file))
     part = _dm(
         str(era5_file),
-        time_range=("2000-01-03", "2000-01-06"),
-        time_step="12h",
-        split_fractions=(1, 0, 0),
+        selection=SelectionConfig(
+            levels=LEVELS, time_range=("2000-01-03", "2000-01-06"), time_step="12h"
+        ),
+        splits=ONE_SERIES,
     )
     t = part.coords["time"].values
     assert t[0] == np.datetime64("2000-01-03T00") and t[-1] == np.datetime64("2000-01-06T12")
@@ -162,9 +183,9 @@ def test_windows_never_bridge_a_gap(tmp_path: Path, era5_file: Path) -> None:
         gappy[name].encoding = pack_encoding(ds[name].values)
     path = write_netcdf(gappy, tmp_path / "gappy.nc")
     ds.close()
-    dm = _dm(str(path), split_fractions=(1, 0, 0))
+    dm = _dm(str(path), splits=ONE_SERIES)
     time = dm.coords["time"].values
-    starts = dm._starts["train"][:, 1]
+    starts = dm.plan.starts["train"][:, 1]
     assert len(starts) > 0
     for t0 in starts:
         assert np.all(np.diff(time[t0 : t0 + dm.window]) == np.timedelta64(6, "h"))
@@ -176,14 +197,16 @@ def test_windows_never_bridge_a_gap(tmp_path: Path, era5_file: Path) -> None:
 def test_date_splits_statistics_and_climatology(era5_file: Path) -> None:
     dm = _dm(
         str(era5_file),
-        train_period=("2000-01-01", "2000-01-05"),
-        val_period=("2000-01-06T00", "2000-01-07T18"),
-        test_period=("2000-01-08", "2000-01-10"),
+        splits=SplitConfig(
+            train_period=("2000-01-01", "2000-01-05"),
+            val_period=("2000-01-06T00", "2000-01-07T18"),
+            test_period=("2000-01-08", "2000-01-10"),
+        ),
     )
     time = dm.coords["time"].values
     spans = {}
     for split in ("train", "val", "test"):
-        t0 = dm._starts[split][:, 1]
+        t0 = dm.plan.starts[split][:, 1]
         spans[split] = (time[t0.min()], time[t0.max() + dm.window - 1])
     assert spans["train"][0] >= np.datetime64("2000-01-01") and spans["train"][1] <= np.datetime64(
         "2000-01-05T18"
@@ -193,7 +216,7 @@ def test_date_splits_statistics_and_climatology(era5_file: Path) -> None:
     )
     assert spans["test"][0] >= np.datetime64("2000-01-08")
     # 20 training frames (Jan 1-5): 20 - 4 + 1 windows
-    assert len(dm._starts["train"]) == 17
+    assert len(dm.plan.starts["train"]) == 17
     train = _frames(dm)[0, :20].astype(np.float64)
     np.testing.assert_allclose(dm.normalization.mean, train.mean(axis=(0, 2, 3)), rtol=1e-6)
     np.testing.assert_allclose(dm.normalization.std, train.std(axis=(0, 2, 3)), rtol=1e-4)
@@ -213,11 +236,15 @@ def test_nan_fill_and_mask_policies(tmp_path: Path) -> None:
     raw = xr.open_dataset(path, mask_and_scale=False)
     assert int((raw["z"].values == -32767).sum()) == 6
     raw.close()
-    fill = _dm(str(path), max_nan_fraction=0.01, split_fractions=(1, 0, 0))
+    fill = _dm(str(path), quality=QualityConfig(max_nan_fraction=0.01), splits=ONE_SERIES)
     assert np.isfinite(_frames(fill)).all()
     np.testing.assert_allclose(_frames(fill)[0, 5, 0, :2, :3], fill.normalization.mean[0])
-    mask = _dm(str(path), max_nan_fraction=0.01, nan_policy="mask", split_fractions=(1, 0, 0))
-    starts = mask._starts["train"][:, 1]
+    mask = _dm(
+        str(path),
+        quality=QualityConfig(max_nan_fraction=0.01, nan_policy="mask"),
+        splits=ONE_SERIES,
+    )
+    starts = mask.plan.starts["train"][:, 1]
     # no window touches frame 5
     assert not np.any((starts <= 5) & (starts + mask.window > 5))
     assert len(starts) == 40 - 4 + 1 - 4
@@ -227,20 +254,19 @@ def test_trajectory_files_split_by_sample(tmp_path: Path) -> None:
     dm = NetCDFDataModule(
         path=str(tmp_path / "ns.nc"),
         variables=["vorticity"],
-        in_steps=2,
-        out_steps=2,
+        windows=WindowConfig(in_steps=2, out_steps=2),
         generator=NavierStokesGenerator(n_trajectories=6, resolution=16, n_frames=6),
     )
     dm.prepare_data()
     dm.setup()
     assert (dm.time_dim, dm.y_dim, dm.x_dim, dm.sample_dim) == ("time", "y", "x", "trajectory")
     assert dm.latitude is None and dm.num_channels == 1 and dm.grid == (16, 16)
-    samples = [set(dm._samples[s].tolist()) for s in ("train", "val", "test")]
+    samples = [set(dm.plan.samples[s].tolist()) for s in ("train", "val", "test")]
     assert samples[0].isdisjoint(samples[1]) and samples[0].isdisjoint(samples[2])
     assert sum(map(len, samples)) == 6
     sample = dm.dataset("train")[0]
     assert sample.x.shape == (2, 1, 16, 16) and sample.y.shape == (2, 1, 16, 16)
-    info = dm.window_info("test", np.arange(len(dm._starts["test"])))
+    info = dm.window_info("test", np.arange(len(dm.plan.starts["test"])))
     assert set(info.sample.tolist()) == samples[2]
 
 
@@ -248,11 +274,10 @@ def test_check_summary(era5_file: Path) -> None:
     dm = NetCDFDataModule(
         str(era5_file),
         ["z", "t", "t2m"],
-        levels=[500, 850],
-        in_steps=2,
-        out_steps=2,
+        selection=SelectionConfig(levels=LEVELS),
+        windows=WindowConfig(in_steps=2, out_steps=2),
+        splits=SplitConfig(fractions=(0.5, 0.25, 0.25)),
         check_only=True,
-        split_fractions=(0.5, 0.25, 0.25),
     )
     text = dm.check()
     assert dm.check_only

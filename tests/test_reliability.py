@@ -30,6 +30,7 @@ from beamvq.bottleneck import VQBottleneck
 from beamvq.callbacks.beam_search import BeamSearchAugmentation
 from beamvq.checkpoint_io import AtomicCheckpointIO, stale_temp_files
 from beamvq.cli import BeamVQCLI, console_main, main, start_wandb
+from beamvq.datamodules.config import LoaderConfig, SplitConfig, WindowConfig
 from beamvq.datamodules.netcdf import NetCDFDataModule
 from beamvq.datamodules.synthetic import write_navier_stokes
 from beamvq.metrics import NegMSEScorer
@@ -50,8 +51,8 @@ def ns_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def make_dm(path: Path | str, variables: tuple[str, ...] = ("vorticity",)) -> NetCDFDataModule:
     return NetCDFDataModule(
-        path=str(path), variables=list(variables), in_steps=T_IN, out_steps=T_OUT, batch_size=4,
-        split_fractions=(0.5, 0.25, 0.25),
+        path=str(path), variables=list(variables), windows=WindowConfig(T_IN, T_OUT),
+        loader=LoaderConfig(batch_size=4), splits=SplitConfig(fractions=(0.5, 0.25, 0.25)),
     )  # fmt: skip
 
 

@@ -149,7 +149,7 @@ def quickstart_for_test(tmp: Path, name: str) -> Path:
 
 TINY = [
     f"{GENERATOR}n_trajectories", "6", f"{GENERATOR}resolution", "32", f"{GENERATOR}n_frames", "12",
-    "--data.init_args.batch_size", "4", "--trainer.max_epochs", "3",
+    "--data.init_args.loader.batch_size", "4", "--trainer.max_epochs", "3",
     "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
     "--model.bottleneck.init_args.codebook_size", "32", "--trainer.enable_progress_bar", "false",
 ]  # fmt: skip
@@ -259,7 +259,7 @@ def test_ddp_over_gloo_keeps_ranks_identical_and_pools_metrics(tmp_path: Path) -
     # the NaN batch of rank 1 was skipped on both ranks together
     assert ranks[0]["skipped"] == ranks[1]["skipped"] == 1
     # metrics pooled over ranks = one process evaluating the same checkpoint on every window
-    cli = main(["validate", "--config", str(cfg), *data, "--data.init_args.batch_size", "2",
+    cli = main(["validate", "--config", str(cfg), *data, "--data.init_args.loader.batch_size", "2",
                 "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])  # fmt: skip
     single = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
     pooled = ranks[0]["metrics"]

@@ -34,6 +34,7 @@ from beamvq.callbacks.lead_time import LeadTimeReport
 from beamvq.callbacks.prediction_writer import NetCDFPredictionWriter
 from beamvq.callbacks.tables import EpochRecord, code_usage, lead_table, markdown_table
 from beamvq.cli import main
+from beamvq.datamodules.config import WindowConfig
 from beamvq.datamodules.netcdf import NetCDFDataModule
 from beamvq.datamodules.synthetic import write_navier_stokes
 
@@ -89,9 +90,8 @@ data:
   init_args:
     path: {data}
     variables: [vorticity]
-    in_steps: 3
-    out_steps: 3
-    batch_size: 4
+    windows: {{in_steps: 3, out_steps: 3}}
+    loader: {{batch_size: 4}}
     generator:
       class_path: beamvq.datamodules.synthetic.NavierStokesGenerator
       init_args: {{n_trajectories: 6, resolution: 16, n_frames: 10}}
@@ -356,7 +356,9 @@ def test_augmentation_panel_without_truth(tmp_path: Path) -> None:
 
 def test_pool_truths_come_from_the_recorded_source(tmp_path: Path) -> None:
     path = write_navier_stokes(tmp_path / "ns.nc", n_trajectories=4, resolution=16, n_frames=10)
-    dm = NetCDFDataModule(path=str(path), variables=["vorticity"], in_steps=3, out_steps=3)
+    dm = NetCDFDataModule(
+        path=str(path), variables=["vorticity"], windows=WindowConfig(in_steps=3, out_steps=3)
+    )
     dm.prepare_data()
     dm.setup("fit")
     ds = dm.dataset("train")

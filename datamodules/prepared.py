@@ -1,0 +1,124 @@
+"""What ``setup`` makes of the files: the array or its memory map, statistics, splits, labels.
+
+``prepare`` runs the checks and plans that need the values (the NaN checks, the time step, the
+split plan), the training split's normalization, and the NaN policy ``"fill"`` (in place in
+memory; per item for the memory map, which stays as read). The result, ``PreparedData``, cuts
+the windows of a split and labels them (``beamvq.protocols.DataInfo``, ``WindowInfo``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from beamvq.datamodules.config import QualityConfig, SplitConfig, WindowConfig
+from beamvq.datamodules.reading import FrameStats, check_nans, combine, fill_nans, frame_mean
+from beamvq.datamodules.scan import Layout
+from beamvq.datamodules.splits import SplitInput, SplitPlan, plan_splits, resolve_step
+from beamvq.datamodules.windows import MemmapWindowDataset, WindowDataset
+from beamvq.protocols import AxisInfo, ChannelInfo, DataInfo, Normalization, WindowInfo
+
+
+class PreparedData(NamedTuple):
+    """The data after setup: ``data`` is the in-memory array ``(S, T, C, H, W)`` or None when the
+    windows come from the memory-mapped ``cache_file``; ``fill`` the per-channel values that
+    replace NaNs per item (memory map and ``"fill"`` policy only)."""
+
+    layout: Layout
+    data: np.ndarray | None
+    cache_file: Path | None
+    stats: FrameStats
+    fill: np.ndarray | None
+    time_step: np.timedelta64 | float
+    plan: SplitPlan
+    normalization: Normalization
+
+    @property
+    def where(self) -> str:
+        """Where the array lives, as the data check and the log say it."""
+        return "in memory" if self.data is not None else f"memory-mapped cache {self.cache_file}"
+
+    def source(self) -> np.ndarray:
+        """The array the windows are cut from (the memory map opened read-only when cached)."""
+        if self.data is not None:
+            return self.data
+        return np.load(self.cache_file, mmap_mode="r")
+
+    def dataset(self, split: str, windows: WindowConfig) -> WindowDataset | MemmapWindowDataset:
+        starts = self.plan.starts[split]
+        if self.data is not None:
+            return WindowDataset(self.data, starts, windows.in_steps, windows.target_steps)
+        assert self.cache_file is not None
+        return MemmapWindowDataset(
+            self.cache_file, starts, windows.in_steps, windows.target_steps, self.fill
+        )
+
+    def climatology(self) -> np.ndarray:
+        """Per-channel, per-pixel training mean ``(C, H, W)``; a pixel never finite in training
+        falls back to the channel mean."""
+        return frame_mean(self.source(), self.plan.frames["train"], self.normalization.mean)
+
+    def window_info(self, split: str, indices: np.ndarray, in_steps: int) -> WindowInfo:
+        """Sample labels and last-input-time labels of windows ``indices`` of ``split``."""
+        lay = self.layout
+        starts = self.plan.starts[split][np.asarray(indices, dtype=np.int64)]
+        time = lay.coords[lay.time_dim].values
+        if lay.sample_dim is not None:
+            sample = lay.coords[lay.sample_dim].values[starts[:, 0]]
+        else:
+            sample = starts[:, 0]
+        return WindowInfo(sample, time[starts[:, 1] + in_steps - 1])
+
+    def info(self, path: str, windows: WindowConfig) -> DataInfo:
+        """Labels of the channels, the time axis and the grid."""
+        lay = self.layout
+        channels = tuple(
+            ChannelInfo(c.name, c.variable, c.level, dict(lay.var_attrs.get(c.variable, {})))
+            for c in lay.channels
+        )
+        return DataInfo(
+            path=path,
+            channels=channels,
+            time=self._axis(lay.time_dim),
+            time_step=self.time_step,
+            y=self._axis(lay.y_dim),
+            x=self._axis(lay.x_dim),
+            latitude=lay.latitude,
+            in_steps=windows.in_steps,
+            target_steps=windows.target_steps,
+        )
+
+    def _axis(self, dim: str) -> AxisInfo:
+        coord = self.layout.coords[dim]
+        return AxisInfo(dim, np.asarray(coord.values), dict(coord.attrs))
+
+
+def prepare(
+    lay: Layout,
+    data: np.ndarray | None,
+    cache_file: Path | None,
+    stats: FrameStats,
+    windows: WindowConfig,
+    splits: SplitConfig,
+    quality: QualityConfig,
+    time_step: str | None,
+    label: str,
+) -> PreparedData:
+    """Check the values, plan the splits, take the training statistics, apply ``"fill"``."""
+    check_nans(lay, stats, quality.max_nan_fraction)
+    step = resolve_step(lay.time, time_step)
+    nan_frames = stats.nonfinite.sum(axis=2) > 0
+    split_input = SplitInput(lay.time, lay.n_samples, lay.sample_dim, nan_frames, label)
+    plan = plan_splits(split_input, windows, splits, quality.nan_policy, step)
+    mean, std = combine(stats, plan.frames["train"])
+    fill = None
+    if stats.nonfinite.sum() and quality.nan_policy == "fill":
+        if data is None:
+            fill = mean.astype(np.float32)  # the memory-mapped windows fill per item
+        else:
+            # once, in place: the windows then hold no NaN and need no per-item work
+            fill_nans(data, mean.astype(np.float32))
+    normalization = Normalization(mean.astype(np.float32), std.astype(np.float32))
+    return PreparedData(lay, data, cache_file, stats, fill, step, plan, normalization)
