@@ -77,12 +77,12 @@ def test_import_contracts_hold_and_each_fails_on_a_violation(tmp_path: Path) -> 
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     violations = {
         # model side -> callbacks; model side -> datamodules; model side -> CLI
-        "beamvq/model.py": "import beamvq.callbacks.plots\nimport beamvq.datamodules.pool\n",
+        "beamvq/model.py": "import beamvq.callbacks.lead_time\nimport beamvq.datamodules.pool\n",
         "beamvq/search.py": "from beamvq import cli\n",
         # datamodules -> module
         "datamodules/pool.py": "import beamvq.module\n",
         # callbacks -> a model-side module that did not exist when the contract was written
-        "callbacks/plots.py": "from beamvq import brand_new\n",
+        "callbacks/lead_time.py": "from beamvq import brand_new\n",
         "beamvq/metrics.py": "import lightning.pytorch\n",
     }
     (tmp_path / "beamvq" / "brand_new.py").write_text('"""A new model-side module."""\n')
@@ -93,11 +93,11 @@ def test_import_contracts_hold_and_each_fails_on_a_violation(tmp_path: Path) -> 
     assert bad.returncode != 0
     assert "0 kept, 6 broken" in bad.stdout, bad.stdout
     for chain in (
-        "beamvq.model -> beamvq.callbacks.plots",
+        "beamvq.model -> beamvq.callbacks.lead_time",
         "beamvq.model -> beamvq.datamodules.pool",
         "beamvq.search -> beamvq.cli",
         "beamvq.datamodules.pool -> beamvq.module",
-        "beamvq.callbacks.plots -> beamvq.brand_new",
+        "beamvq.callbacks.lead_time -> beamvq.brand_new",
         "beamvq.metrics -> lightning",
     ):
         assert chain in bad.stdout, (chain, bad.stdout)
