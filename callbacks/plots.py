@@ -332,13 +332,13 @@ def ensemble_of(
     pl_module: pl.LightningModule, x: torch.Tensor, members: int | None
 ) -> torch.Tensor | None:
     """Physical ensemble ``(B, M, T, C, H, W)`` of physical inputs ``x``, or ``None`` without a
-    code bank. ``members=None`` draws what ``predict`` writes (the module's ``predict_members``,
+    code bank. ``members=None`` draws what ``predict`` writes (the module's ``ensemble_size``,
     beam-searched when it is set up so) and otherwise the ``candidate_k`` code-bank rollouts."""
     model = getattr(pl_module, "model", None)
     if getattr(model, "bottleneck", None) is None:
         return None
     hp = pl_module.hparams
-    m = int(members) if members is not None else int(hp.get("predict_members", 0))
+    m = int(members) if members is not None else int(pl_module.ensemble_size)
     with torch.no_grad():
         if members is None and m >= 2:
             return pl_module.ensemble_members(x).fields
@@ -358,7 +358,7 @@ class ForecastImageLogger(pl.Callback):
         channel: channel to plot.
         max_leads: lead times shown in the forecast panel (evenly spread over the horizon).
         ensemble: draw the ensemble panel when the model has a code bank.
-        members: ensemble size for the panel; ``None`` uses the module's ``predict_members``
+        members: ensemble size for the panel; ``None`` uses the module's ``ensemble_size``
             (its ``predict`` ensemble) or else ``candidate_k`` code-bank rollouts.
         animation: write the rollout GIF at the end of fit.
         fps: frames per second of the GIF.

@@ -7,7 +7,9 @@ import torch
 
 from beamvq import metrics
 from beamvq.backbones import ResNet
-from beamvq.module import ForecastModule, LatLonMetrics
+from beamvq.evaluation import LatLonMetrics
+from beamvq.module import ForecastModule
+from beamvq.optim import LRSchedule
 from beamvq.tuning import lr_for_batch
 
 
@@ -24,10 +26,7 @@ class _Trainer:
 def test_surge_rule_sets_the_learning_rate_for_the_global_batch(monkeypatch) -> None:
     module = ForecastModule(
         ResNet(2, 2, 1, 1, width=8, n_blocks=2, norm_groups=4),
-        lr=1e-3,
-        scheduler="none",
-        lr_reference_batch_size=16,
-        lr_b_noise=64.0,
+        lr_schedule=LRSchedule(scheduler="none", reference_batch_size=16, b_noise=64.0),
     )
     monkeypatch.setattr(ForecastModule, "trainer", property(lambda self: _Trainer()))
     opt = module.configure_optimizers()
@@ -38,8 +37,11 @@ def test_surge_rule_sets_the_learning_rate_for_the_global_batch(monkeypatch) -> 
 
 
 def test_surge_rule_arguments_go_together() -> None:
-    with pytest.raises(ValueError, match="lr_reference_batch_size and model.lr_b_noise"):
-        ForecastModule(ResNet(2, 2, 1, 1, width=8, n_blocks=2, norm_groups=4), lr_b_noise=10.0)
+    with pytest.raises(ValueError, match="reference_batch_size and model.lr_schedule.b_noise"):
+        ForecastModule(
+            ResNet(2, 2, 1, 1, width=8, n_blocks=2, norm_groups=4),
+            lr_schedule=LRSchedule(b_noise=10.0),
+        )
 
 
 def test_latlon_metrics_pool_like_the_functions() -> None:
