@@ -208,15 +208,17 @@ def check_checkpoint(
     if dm is not None and extra.get("data"):
         fitting = trainer.state.fn == "fit"
         problems += _data_differences(extra["data"], data_identity(dm), fitting)
-    if not problems:
-        return
-    # constructor arguments explain a structural difference; alone (dropout, EMA decay)
-    # they are legitimate changes between fit and predict and are not errors
-    hints = init_arg_differences(checkpoint.get("hyper_parameters") or {}, module.hparams)
-    ckpt = getattr(trainer, "ckpt_path", None) if trainer is not None else None
+    if problems:
+        # constructor arguments explain a structural difference; alone (dropout, EMA decay)
+        # they are legitimate changes between fit and predict and are not errors
+        hints = init_arg_differences(checkpoint.get("hyper_parameters") or {}, module.hparams)
+        raise ValueError(_misfit_message(problems, hints, getattr(trainer, "ckpt_path", None)))
+
+
+def _misfit_message(problems: list[str], hints: list[str], ckpt: str | None) -> str:
     where = f"checkpoint {ckpt}" if ckpt else "the checkpoint"
     hint_text = "\nconstructor arguments that differ:\n  - " + "\n  - ".join(hints) if hints else ""
-    raise ValueError(
+    return (
         f"{where} does not fit this model/data:\n  - "
         + "\n  - ".join(problems)
         + hint_text
@@ -280,15 +282,17 @@ def weight_differences(
         if k in mine and isinstance(v, Tensor) and tuple(v.shape) != tuple(mine[k].shape)
     ]
     out = shape[:limit] + ([f"... {len(shape) - limit} more weights"] if len(shape) > limit else [])
-    if strict:
-        missing = [k for k in mine if k not in saved_state]
-        unexpected = [k for k in saved_state if k not in mine]
-        if missing:
-            out.append(f"weights missing from the checkpoint: {missing[:limit]} ({len(missing)})")
-        if unexpected:
-            out.append(
-                f"weights this model does not have: {unexpected[:limit]} ({len(unexpected)})"
-            )
+    return out + (_key_differences(saved_state, mine, limit) if strict else [])
+
+
+def _key_differences(saved_state: Mapping[str, Any], mine: Mapping[str, Any], limit: int) -> list:
+    missing = [k for k in mine if k not in saved_state]
+    unexpected = [k for k in saved_state if k not in mine]
+    out = []
+    if missing:
+        out.append(f"weights missing from the checkpoint: {missing[:limit]} ({len(missing)})")
+    if unexpected:
+        out.append(f"weights this model does not have: {unexpected[:limit]} ({len(unexpected)})")
     return out
 
 

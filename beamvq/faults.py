@@ -158,6 +158,15 @@ def _first_non_finite_gradient(named: list[tuple[str, Tensor]]) -> str | None:
     return next((n for n, g in named if _has_non_finite(g)), None)
 
 
+def _gradient_cause(bad_param: str | None, operand: str | None) -> str:
+    """The cause of a NaN/Inf gradient in words: a parameter, a flagged operand, another rank."""
+    if bad_param is not None:
+        return f"parameter {bad_param} (layer {bad_param.rpartition('.')[0] or bad_param})"
+    if operand is not None:
+        return f"{operand} (quantization would have saturated it to a finite value)"
+    return "in a quantized layer's gradient on another DDP rank"
+
+
 class FaultGuard:
     """The non-finite guard of one module: counters, quantized-layer flags and the decisions.
 
@@ -281,12 +290,7 @@ class FaultGuard:
         if not local_bad and bad_param is None:
             self._consecutive_skips = 0
             return
-        if bad_param is not None:
-            cause = f"parameter {bad_param} (layer {bad_param.rpartition('.')[0] or bad_param})"
-        elif operand is not None:
-            cause = f"{operand} (quantization would have saturated it to a finite value)"
-        else:
-            cause = "in a quantized layer's gradient on another DDP rank"
+        cause = _gradient_cause(bad_param, operand)
         self._fault(host, f"NaN/Inf gradient at {self._where(host)}: {cause}")
         optimizer.zero_grad(set_to_none=True)  # "skip": AdamW leaves parameters without gradients
 

@@ -12,11 +12,8 @@ autoregressive rollout, or its first step) + the bottleneck's commitment loss + 
 trains the decoder to turn every retrieved code into a plausible future. Real windows weigh 1,
 pseudo-labelled pool samples weigh what the datamodule says (below 1 by default).
 
-Data arrive in physical units; the module normalizes with per-channel statistics of the training
-split and computes every metric on de-normalized fields, pooled over the whole evaluation set
-(and over DDP ranks) before dividing: MSE/MAE per lead time, and at ``csi_thresholds`` the
-contingency counts (SEVIR protocol, Veillette et al. 2020) from which CSI/POD/SUCR/BIAS, CSI-M and
-CSI-M per lead follow; with an ensemble, CRPS and spread/skill per lead in ``test``.
+Data arrive in physical units; the module normalizes with the training split's per-channel
+statistics and computes every metric on de-normalized fields, pooled over the whole split.
 """
 
 from __future__ import annotations
@@ -43,7 +40,6 @@ from beamvq.model import VQForecaster
 from beamvq.normalization import Normalizer, legacy_keys_pre_hook, upgrade_legacy_keys
 from beamvq.optim import LRSchedule, ParamGroup
 from beamvq.protocols import Members
-from beamvq.tuning import resolve_learning_rate
 
 __all__ = ["ForecastModule", "Loss", "LossConfig", "Prediction", "StepOutput"]
 
@@ -388,7 +384,9 @@ class ForecastModule(pl.LightningModule):
 
     # -- optimisation (beamvq.optim) ---------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        rescale = self._surge_rule() if self.lr_schedule.surge else None
+        rescale = (
+            optim.surge_rule(self.lr_schedule, self.trainer) if self.lr_schedule.surge else None
+        )
         opt = optim.build_optimizer(
             self.optimizer_factory, self.named_parameters(), self.param_group_rules, rescale
         )
@@ -396,15 +394,3 @@ class ForecastModule(pl.LightningModule):
             return opt
         sched = optim.build_scheduler(opt, self.lr_schedule, self.trainer.max_epochs)
         return {"optimizer": opt, "lr_scheduler": sched}
-
-    def _surge_rule(self) -> Callable[[float], float]:
-        """The Surge rule's rate for this run's global batch, as a function of the tuned rate."""
-        dm = self.trainer.datamodule
-        if dm is None or not hasattr(dm, "batch_size"):
-            raise ValueError(
-                "model.lr_schedule.reference_batch_size needs a datamodule with a batch_size"
-            )
-        trainer = self.trainer
-        global_batch = int(dm.batch_size) * trainer.world_size * trainer.accumulate_grad_batches
-        ref, b_noise = self.lr_schedule.reference_batch_size, self.lr_schedule.b_noise
-        return lambda lr: resolve_learning_rate(global_batch, ref, lr, b_noise)

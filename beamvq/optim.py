@@ -35,7 +35,16 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-__all__ = ["LRSchedule", "ParamGroup", "build_optimizer", "build_scheduler", "param_groups"]
+from beamvq.tuning import resolve_learning_rate
+
+__all__ = [
+    "LRSchedule",
+    "ParamGroup",
+    "build_optimizer",
+    "build_scheduler",
+    "param_groups",
+    "surge_rule",
+]
 
 SCHEDULERS = ("cosine", "none")
 
@@ -135,6 +144,19 @@ def param_groups(
         out.append(group)
         scales.append(g.lr_scale)
     return out, scales
+
+
+def surge_rule(schedule: LRSchedule, trainer: Any) -> Callable[[float], float]:
+    """The Surge rule for ``trainer``'s global batch (per-device batch × devices × accumulation):
+    the tuned rate at ``schedule.reference_batch_size`` -> the rate to train with."""
+    dm = trainer.datamodule
+    if dm is None or not hasattr(dm, "batch_size"):
+        raise ValueError(
+            "model.lr_schedule.reference_batch_size needs a datamodule with a batch_size"
+        )
+    global_batch = int(dm.batch_size) * trainer.world_size * trainer.accumulate_grad_batches
+    ref, b_noise = schedule.reference_batch_size, schedule.b_noise
+    return lambda lr: resolve_learning_rate(global_batch, ref, lr, b_noise)
 
 
 def build_optimizer(

@@ -63,31 +63,36 @@ def start_wandb(trainer: pl.Trainer, init_timeout: float | None = None) -> None:
 
     for logger in loggers:
         # a run in progress is the one the logger attaches to (WandbLogger.experiment)
-        if wandb.run is not None or _wandb_mode(logger) in _OFFLINE_MODES:
-            continue
-        _, init = _init_settings(logger)
-        # the CLI may pass settings=None through WandbLogger's **kwargs (wandb.init's signature)
-        settings = init.get("settings")
-        if settings is None:
-            init["settings"] = wandb.Settings(init_timeout=init_timeout)
-        elif isinstance(settings, dict):
-            settings.setdefault("init_timeout", init_timeout)
-        try:
-            logger.experiment  # noqa: B018  (starts the run)
-        except Exception as err:  # wandb raises CommError, UsageError, AuthenticationError, ...
-            message = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            log.warning(
-                "W&B could not start an online run (%s: %s); training goes on with an offline "
-                "run in %s (upload it later with `wandb sync`)",
-                type(err).__name__,
-                message,
-                logger.save_dir or "./wandb",
-            )
-            if wandb.run is not None:
-                wandb.finish()
-            # the failed start left the logger without a run: the next access starts offline
-            init["mode"] = "offline"
-            logger.experiment  # noqa: B018
+        if wandb.run is None and _wandb_mode(logger) not in _OFFLINE_MODES:
+            _start_or_go_offline(logger, init_timeout)
+
+
+def _start_or_go_offline(logger: WandbLogger, init_timeout: float) -> None:
+    import wandb
+
+    _, init = _init_settings(logger)
+    # the CLI may pass settings=None through WandbLogger's **kwargs (wandb.init's signature)
+    settings = init.get("settings")
+    if settings is None:
+        init["settings"] = wandb.Settings(init_timeout=init_timeout)
+    elif isinstance(settings, dict):
+        settings.setdefault("init_timeout", init_timeout)
+    try:
+        logger.experiment  # noqa: B018  (starts the run)
+    except Exception as err:  # wandb raises CommError, UsageError, AuthenticationError, ...
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        log.warning(
+            "W&B could not start an online run (%s: %s); training goes on with an offline "
+            "run in %s (upload it later with `wandb sync`)",
+            type(err).__name__,
+            message,
+            logger.save_dir or "./wandb",
+        )
+        if wandb.run is not None:
+            wandb.finish()
+        # the failed start left the logger without a run: the next access starts offline
+        init["mode"] = "offline"
+        logger.experiment  # noqa: B018
 
 
 def finish_wandb(trainer: pl.Trainer) -> None:

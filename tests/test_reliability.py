@@ -33,9 +33,9 @@ from beamvq.checkpointing import collect_rng_state, restore_rng_state
 from beamvq.cli import BeamVQCLI, console_main, main
 from beamvq.datamodules.netcdf import NetCDFDataModule
 from beamvq.datamodules.synthetic import write_navier_stokes
-from beamvq.metrics import NegMSEScorer
 from beamvq.evaluation import ForecastMetrics
 from beamvq.faults import FaultConfig
+from beamvq.metrics import NegMSEScorer
 from beamvq.module import ForecastModule
 from beamvq.optim import LRSchedule
 from beamvq.quant import QuantRecipe, convert_to_quantized
@@ -410,6 +410,20 @@ def test_cli_keeps_predict_time_options(cli_run: tuple[Path, list[str]]) -> None
     assert cli.model.ensemble_config.members == 2
     with xr.open_dataset(ckpt.parents[1] / "predictions.nc") as ds:
         assert ds.sizes["member"] == 2
+
+
+def test_a_cli_checkpoint_rebuilds_its_module(cli_run: tuple[Path, list[str]]) -> None:
+    ckpt, _ = cli_run
+    module = ForecastModule.load_from_checkpoint(ckpt)
+    # the quickstart's grouped arguments, as configured
+    assert module.ensemble_config.members == 4 and module.loss_config.candidate_weight == 0.1
+    assert module.model.bottleneck.codebook_size == 16 and module.candidate_k == 4
+    opt = module.optimizer_factory(module.parameters())
+    assert type(opt) is torch.optim.AdamW
+    assert opt.defaults["lr"] == 1e-3 and opt.defaults["weight_decay"] == 0.0
+    saved = torch.load(ckpt, weights_only=True)["state_dict"]
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, saved[k]), k
 
 
 # -- W&B fallback ---------------------------------------------------------------------------------
