@@ -5,9 +5,14 @@ Backbone, bottleneck, datamodule, logger, callbacks and strategy are chosen by c
 This is the only module that wires the model side to data, callbacks and precision plugins.
 
 W&B runs offline unless the environment says otherwise (``WANDB_MODE=online`` to upload,
-``WANDB_MODE=disabled`` to turn it off); nothing here touches the network by default. An online run
-that cannot start (no API key, wrong entity or project, no network) falls back to an offline run
-with a warning, within ``WANDB_INIT_TIMEOUT`` seconds (default 30), so training never waits on W&B.
+``WANDB_MODE=disabled`` to turn it off); nothing here touches the network by default, and an online
+run that cannot start falls back to an offline one (``beamvq.wandb_start``).
+
+``--ckpt_path`` is checked before anything is built (``beamvq.checkpointing.check_ckpt_path``):
+the file must exist and hold the configured backbone and bottleneck classes; the configured model
+arguments are kept (LightningCLI would replace them by the checkpoint's). The optimizer is
+``model.optimizer`` (``beamvq.optim``); LightningCLI's top-level ``optimizer:`` and
+``lr_scheduler:`` keys are off, since they would bypass the Surge rule and parameter groups.
 
 Checkpoints are written atomically (``beamvq.checkpoint_io.AtomicCheckpointIO`` replaces
 Lightning's default ``TorchCheckpointIO``; a ``CheckpointIO`` given in ``--trainer.plugins`` or by
@@ -16,33 +21,34 @@ the strategy is kept). See docs/reliability.md for what resuming guarantees.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import socket
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.callbacks import ProgressBar, RichProgressBar
-from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
-from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.plugins.io import CheckpointIO, TorchCheckpointIO
 from pytorch_lightning.strategies import ParallelStrategy
-from pytorch_lightning.utilities import rank_zero_only
 
 import beamvq.quant  # noqa: F401  (registers the precision strategies by name)
 from beamvq.checkpoint_io import AtomicCheckpointIO
+from beamvq.checkpointing import check_ckpt_path
 from beamvq.module import ForecastModule
+from beamvq.wandb_start import finish_wandb, start_wandb
 
 log = logging.getLogger("beamvq")
 
-_SPECIAL_CKPT = {"last", "best", "hpc", "registry"}
-_OFFLINE_MODES = {"offline", "dryrun", "disabled"}
-DEFAULT_WANDB_INIT_TIMEOUT = 30.0
+# what model.optimizer is when a configuration does not name one: the module's own default
+# (AdamW at lr 1e-3 without weight decay), written out so that --print_config shows it and
+# --model.optimizer.lr alone works
+DEFAULT_OPTIMIZER = {
+    "class_path": "torch.optim.AdamW",
+    "init_args": {"lr": 1e-3, "weight_decay": 0.0},
+}
 
 
 class LoggedSaveConfig(SaveConfigCallback):
@@ -56,10 +62,8 @@ class LoggedSaveConfig(SaveConfigCallback):
 class BeamVQCLI(LightningCLI):
     """LightningCLI with early checks that name the offending argument."""
 
-    def _check_ckpt(self) -> None:
-        ckpt = self.config[self.subcommand].get("ckpt_path")
-        if ckpt and str(ckpt) not in _SPECIAL_CKPT and not Path(str(ckpt)).is_file():
-            raise FileNotFoundError(f"--ckpt_path: checkpoint file not found: {ckpt}")
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.set_defaults({"model.optimizer": DEFAULT_OPTIMIZER})
 
     def _check_data_only(self) -> None:
         """``--data.init_args.check_only true``: summarize the data and exit before any training."""
@@ -70,51 +74,41 @@ class BeamVQCLI(LightningCLI):
             sys.stdout.write(dm.check() + "\n")
             sys.exit(0)
 
+    # LightningCLI has no public switch for this: its _parse_ckpt_path replaces the configured
+    # model arguments by the checkpoint's hyper-parameters (for a file path, not for ``last``), so
+    # that predict-time options such as --model.ensemble.members were silently ignored and a
+    # config naming another backbone silently predicted with the checkpoint's. The override keeps
+    # the configuration as given and checks the checkpoint against it instead.
     def _parse_ckpt_path(self) -> None:
-        """Keep the configured model; stop if ``--ckpt_path`` holds another backbone/bottleneck.
-
-        LightningCLI would replace the configured model arguments by the checkpoint's
-        hyper-parameters (for a file path, not for ``last``), so that predict-time options such
-        as ``--model.predict_members`` were silently ignored and a config naming another
-        backbone silently predicted with the checkpoint's. Here the configuration stays as
-        given; a backbone or bottleneck class that differs from the checkpoint's is an error
-        naming both, and differing shapes are reported when the weights load
-        (``ForecastModule.check_checkpoint``).
-        """
         sub = self.config.get("subcommand")
-        ckpt = self.config[sub].get("ckpt_path") if sub else None
-        if not ckpt or not Path(str(ckpt)).is_file():
+        if not sub:
             return
-        saved = torch.load(str(ckpt), weights_only=True, map_location="cpu")
         model = self.config[sub].get("model")
         configured = model.as_dict() if hasattr(model, "as_dict") else dict(model or {})
-        problems = model_class_differences(saved.get("hyper_parameters") or {}, configured)
-        if problems:
-            raise ValueError(
-                f"--ckpt_path {ckpt} was trained with another model than the configuration "
-                "gives:\n  - " + "\n  - ".join(problems) + "\nUse the configuration the checkpoint "
-                "was trained with (its config.yaml) or a checkpoint of this model."
-            )
+        check_ckpt_path(self.config[sub].get("ckpt_path"), configured)
+
+    def _trainer_config(self, key: str) -> Any:
+        """``key`` of the instantiated ``trainer`` section (top level when ``run=False``)."""
+        config = self.config_init.get(str(self.subcommand), self.config_init)
+        return (config.get("trainer") or {}).get(key)
 
     def _before(self) -> None:
-        self._check_ckpt()
         self._check_data_only()
         start_wandb(self.trainer)
 
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> pl.Trainer:
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        def setting(key: str) -> Any:
+            return kwargs[key] if key in kwargs else self._trainer_config(key)
+
         # a rich progress bar by default, unless the run turns the bar off or names its own
-        given = list(config.get("callbacks") or []) + list(callbacks)
-        if config.get("enable_progress_bar", True) is not False and not any(
+        given = setting("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        if setting("enable_progress_bar") is not False and not any(
             isinstance(c, ProgressBar) for c in given
         ):
-            callbacks = [*callbacks, RichProgressBar()]
-        return super()._instantiate_trainer(config, callbacks)
-
-    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+            kwargs["callbacks"] = [*given, RichProgressBar()]
         trainer = super().instantiate_trainer(**kwargs)
-        plugins = kwargs.get(
-            "plugins", self._get(self.config_init, "trainer", default={}).get("plugins")
-        )
+        plugins = setting("plugins")
         chosen = plugins if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in chosen):
             use_atomic_checkpoints(trainer)
@@ -133,32 +127,6 @@ class BeamVQCLI(LightningCLI):
 
     def before_predict(self) -> None:
         self._before()
-
-
-def _resolve(class_path: str) -> object:
-    """The class a ``class_path`` names (``beamvq.backbones.SimVPv2`` and its defining module's
-    ``beamvq.backbones.simvp.SimVPv2`` are the same), or the string if it does not import."""
-    module, _, name = class_path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return class_path
-
-
-def model_class_differences(saved: dict[str, Any], configured: dict[str, Any]) -> list[str]:
-    """Backbone/bottleneck classes of a checkpoint's hyper-parameters that the config changes."""
-    out = []
-    for part in ("backbone", "bottleneck"):
-        old, new = saved.get(part), configured.get(part)
-        if part not in saved or not (old is None or isinstance(old, dict)):
-            continue  # a checkpoint made in Python holds the module itself: the load checks it
-        old_cls = old.get("class_path") if isinstance(old, dict) else None
-        new_cls = new.get("class_path") if isinstance(new, dict) else None
-        if (old_cls is None) != (new_cls is None) or (
-            old_cls is not None and _resolve(old_cls) != _resolve(str(new_cls))
-        ):
-            out.append(f"model.{part}: checkpoint {old_cls}, configuration {new_cls}")
-    return out
 
 
 def use_atomic_checkpoints(trainer: pl.Trainer) -> None:
@@ -234,56 +202,6 @@ def gloo_over_loopback(trainer: pl.Trainer) -> None:
         log.info("single-node CPU run: gloo connects the ranks over %s (GLOO_SOCKET_IFNAME)", name)
 
 
-def _wandb_mode(logger: WandbLogger) -> str:
-    if logger._offline:
-        return "offline"
-    return str(logger._wandb_init.get("mode") or os.environ.get("WANDB_MODE") or "online")
-
-
-def start_wandb(trainer: pl.Trainer, init_timeout: float | None = None) -> None:
-    """Start every W&B run of ``trainer`` now; an online run that cannot start goes offline.
-
-    ``wandb.init`` gets ``init_timeout`` seconds (default: ``$WANDB_INIT_TIMEOUT`` or 30) unless
-    the logger's own ``settings`` say otherwise. Any failure to start online (no API key, an
-    unknown entity or project, an unreachable server) is logged as a warning and the logger is
-    switched to an offline run in the same ``save_dir``, which ``wandb sync`` can upload later.
-    Offline and disabled runs start lazily as usual; ranks other than 0 have no W&B run.
-    """
-    if rank_zero_only.rank != 0:
-        return
-    if init_timeout is None:
-        init_timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", DEFAULT_WANDB_INIT_TIMEOUT))
-    for logger in trainer.loggers:
-        if not isinstance(logger, WandbLogger) or logger._experiment is not None:
-            continue
-        if _wandb_mode(logger) in _OFFLINE_MODES:
-            continue
-        import wandb
-
-        # the CLI may pass settings=None through WandbLogger's **kwargs (wandb.init's signature)
-        settings = logger._wandb_init.get("settings")
-        if settings is None:
-            logger._wandb_init["settings"] = wandb.Settings(init_timeout=init_timeout)
-        elif isinstance(settings, dict):
-            settings.setdefault("init_timeout", init_timeout)
-        try:
-            logger.experiment  # noqa: B018  (starts the run)
-        except Exception as err:  # wandb raises CommError, UsageError, AuthenticationError, ...
-            message = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            log.warning(
-                "W&B could not start an online run (%s: %s); training goes on with an offline "
-                "run in %s (upload it later with `wandb sync`)",
-                type(err).__name__,
-                message,
-                logger.save_dir or "./wandb",
-            )
-            if wandb.run is not None:
-                wandb.finish()
-            logger._wandb_init["mode"] = "offline"
-            logger._experiment = None
-            logger.experiment  # noqa: B018
-
-
 def main(args: list[str] | None = None) -> BeamVQCLI:
     """Run the CLI and return it (``python -m beamvq``, tests, ``beamvq.summary``)."""
     os.environ.setdefault("WANDB_MODE", "offline")
@@ -297,12 +215,13 @@ def main(args: list[str] | None = None) -> BeamVQCLI:
             pl.LightningDataModule,
             subclass_mode_model=False,
             subclass_mode_data=True,
+            auto_configure_optimizers=False,
             save_config_callback=LoggedSaveConfig,
             save_config_kwargs={"overwrite": True},
             seed_everything_default=0,
             args=args,
         )
-        _finish_loggers(cli.trainer)
+        finish_wandb(cli.trainer)
     finally:
         for name, value in launch_env.items():
             if value is None:
@@ -316,10 +235,3 @@ def console_main() -> None:
     """Entry point of the ``beamvq`` console script: returns nothing, so the exit status is 0 on
     success (``sys.exit`` of the CLI object would print it and exit with status 1)."""
     main()
-
-
-def _finish_loggers(trainer: pl.Trainer) -> None:
-    """Close W&B runs so a following command (e.g. predict after fit) starts its own run."""
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger) and logger._experiment is not None:
-            logger.experiment.finish()

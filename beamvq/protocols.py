@@ -216,13 +216,15 @@ class SearchableModel(Protocol):
     Fields: ``normalize``/``denormalize`` map physical fields ``(..., C, H, W)`` to model space
     and back; ``forecast`` is the deterministic autoregressive rollout of a normalized input;
     ``search_step_fn(k)`` the K-candidate step the beam search expands; ``ensemble_members`` the
-    ``predict`` ensemble of physical inputs; ``code_indices`` the nearest-code indices of a
-    normalized input (``None`` without a code bank) and ``codebook_size`` its size (0: none).
+    ``predict`` ensemble of physical inputs, ``ensemble_size`` the members it gives by default
+    (0 or 1: deterministic only); ``code_indices`` the nearest-code indices of a normalized input
+    (``None`` without a code bank) and ``codebook_size`` its size (0: none).
     """
 
     rollout_steps: int
     candidate_k: int
     codebook_size: int
+    ensemble_size: int
 
     def normalize(self, field: Tensor) -> Tensor: ...
 

@@ -25,7 +25,7 @@ import math
 import re
 import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -108,61 +108,70 @@ def markdown(evals: Sequence[Evaluation], plot: str | None = None) -> str:
     """The Markdown report of one or two evaluations (Δ: change of the second vs the first)."""
     if not 1 <= len(evals) <= 2:
         raise ValueError(f"markdown: one or two evaluations, got {len(evals)}")
-    lines = ["# beamvq test summary", ""]
-    for e in evals:
-        lines.append(f"- **{e.label}**: `{e.ckpt}`")
-    lines += [
-        "",
-        "Metrics pooled over the whole test split, in physical units. Lower is better for "
-        "MSE/RMSE/MAE/rel. L2/CRPS, higher for CSI/POD/SUCR; 1 is ideal for BIAS and spread/skill."
-        + (" Δ: relative change of the second checkpoint vs the first." if len(evals) == 2 else ""),
-        "",
-        "## Overall",
-        "",
-        "| metric | "
-        + " | ".join(e.label for e in evals)
-        + (" | Δ |" if len(evals) == 2 else " |"),
-        "|---|" + "---:|" * (len(evals) + (len(evals) == 2)),
-    ]
-    names = [n for n in OVERALL if any(n in e.overall for e in evals)]
-    for n in names:
-        cells = _cells(evals, [e.overall.get(n) for e in evals])
-        lines.append(f"| {LABELS.get(n, n)} | " + " | ".join(cells) + " |")
-    lead_names = [n for n in BY_LEAD if any(n in e.by_lead for e in evals)]
-    lead_names += sorted({n for e in evals for n in e.by_lead} - set(BY_LEAD))
-    leads = sorted({t for e in evals for s in e.by_lead.values() for t in s})
-    if leads:
-        head = [c for n in lead_names for c in _columns(evals, n)]
-        lines += ["", "## By lead time", "", "| lead | " + " | ".join(head) + " |"]
-        lines.append("|---:|" + "---:|" * len(head))
-        for t in leads:
-            cells = [
-                c
-                for n in lead_names
-                for c in _cells(evals, [e.by_lead.get(n, {}).get(t) for e in evals])
-            ]
-            lines.append(f"| +{t} | " + " | ".join(cells) + " |")
-    thr_names = [n for n in BY_THRESHOLD if any(n in e.by_threshold for e in evals)]
-    thresholds = sorted({t for e in evals for s in e.by_threshold.values() for t in s}, key=float)
-    if thresholds:
-        head = [c for n in thr_names for c in _columns(evals, n)]
-        lines += [
-            "",
-            "## By threshold (pooled over lead times)",
-            "",
-            "| threshold | " + " | ".join(head) + " |",
-            "|---:|" + "---:|" * len(head),
-        ]
-        for thr in thresholds:
-            cells = [
-                c
-                for n in thr_names
-                for c in _cells(evals, [e.by_threshold.get(n, {}).get(thr) for e in evals])
-            ]
-            lines.append(f"| {thr} | " + " | ".join(cells) + " |")
+    lines = _header(evals) + _overall(evals) + _by_lead(evals) + _by_threshold(evals)
     if plot:
         lines += ["", f"![metrics by lead time]({plot})"]
     return "\n".join(lines) + "\n"
+
+
+def _header(evals: Sequence[Evaluation]) -> list[str]:
+    pair = len(evals) == 2
+    return [
+        "# beamvq test summary",
+        "",
+        *(f"- **{e.label}**: `{e.ckpt}`" for e in evals),
+        "",
+        "Metrics pooled over the whole test split, in physical units. Lower is better for "
+        "MSE/RMSE/MAE/rel. L2/CRPS, higher for CSI/POD/SUCR; 1 is ideal for BIAS and spread/skill."
+        + (" Δ: relative change of the second checkpoint vs the first." if pair else ""),
+    ]
+
+
+def _overall(evals: Sequence[Evaluation]) -> list[str]:
+    pair = len(evals) == 2
+    lines = [
+        "",
+        "## Overall",
+        "",
+        "| metric | " + " | ".join(e.label for e in evals) + (" | Δ |" if pair else " |"),
+        "|---|" + "---:|" * (len(evals) + pair),
+    ]
+    for n in (n for n in OVERALL if any(n in e.overall for e in evals)):
+        cells = _cells(evals, [e.overall.get(n) for e in evals])
+        lines.append(f"| {LABELS.get(n, n)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _table(
+    evals: Sequence[Evaluation], names: list[str], rows: list[tuple[str, Callable]], first: str
+) -> list[str]:
+    """Rows of ``name × evaluation`` cells; ``rows``: (label, value of (evaluation, name))."""
+    head = [c for n in names for c in _columns(evals, n)]
+    lines = [f"| {first} | " + " | ".join(head) + " |", "|---:|" + "---:|" * len(head)]
+    for label, value in rows:
+        cells = [c for n in names for c in _cells(evals, [value(e, n) for e in evals])]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _by_lead(evals: Sequence[Evaluation]) -> list[str]:
+    names = [n for n in BY_LEAD if any(n in e.by_lead for e in evals)]
+    names += sorted({n for e in evals for n in e.by_lead} - set(BY_LEAD))
+    leads = sorted({t for e in evals for s in e.by_lead.values() for t in s})
+    if not leads:
+        return []
+    rows = [(f"+{t}", lambda e, n, t=t: e.by_lead.get(n, {}).get(t)) for t in leads]
+    return ["", "## By lead time", "", *_table(evals, names, rows, "lead")]
+
+
+def _by_threshold(evals: Sequence[Evaluation]) -> list[str]:
+    names = [n for n in BY_THRESHOLD if any(n in e.by_threshold for e in evals)]
+    thresholds = sorted({t for e in evals for s in e.by_threshold.values() for t in s}, key=float)
+    if not thresholds:
+        return []
+    rows = [(thr, lambda e, n, thr=thr: e.by_threshold.get(n, {}).get(thr)) for thr in thresholds]
+    title = "## By threshold (pooled over lead times)"
+    return ["", title, "", *_table(evals, names, rows, "threshold")]
 
 
 def lead_plot(evals: Sequence[Evaluation], path: Path) -> Path | None:

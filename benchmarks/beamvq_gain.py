@@ -87,7 +87,7 @@ from beamvq.datamodules.config import LoaderConfig, PoolConfig, SplitConfig, Win
 from beamvq.datamodules.netcdf import NetCDFDataModule
 from beamvq.datamodules.storm import StormGenerator
 from beamvq.datamodules.synthetic import NavierStokesGenerator
-from beamvq.module import ForecastModule
+from beamvq.module import ForecastModule, LossConfig
 from beamvq.selftrain import SearchConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,10 +234,9 @@ def make_module(backbone: Backbone, arm: str, p: Protocol) -> ForecastModule:
             else None
         ),
         rollout_steps=p.rollout_steps,
-        rollout_loss="full",
-        lr=p.lr,
         candidate_k=p.candidate_k,
-        candidate_loss_weight=p.candidate_loss_weight if vq else 0.0,
+        loss=LossConfig(rollout="full", candidate_weight=p.candidate_loss_weight if vq else 0.0),
+        optimizer=functools.partial(torch.optim.AdamW, lr=p.lr, weight_decay=0.0),
     )
 
 

@@ -36,6 +36,7 @@ Usage: ``python benchmarks/lr_batch.py [--budget steps|samples] [--batch-sizes 4
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import tempfile
@@ -52,6 +53,7 @@ from beamvq.datamodules.config import LoaderConfig, SplitConfig
 from beamvq.datamodules.netcdf import NetCDFDataModule
 from beamvq.datamodules.synthetic import NavierStokesGenerator
 from beamvq.module import ForecastModule
+from beamvq.optim import LRSchedule
 from beamvq.tuning import NoiseScaleMonitor, lr_for_batch
 
 
@@ -101,8 +103,8 @@ def train_once(
     module = ForecastModule(
         backbone=UNet(5, 5, 1, 1, base_width=8, depth=2, norm_groups=4),
         bottleneck=None,
-        lr=lr,
-        scheduler="none",
+        optimizer=functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.0),
+        lr_schedule=LRSchedule(scheduler="none"),
     )
     quiet = dict(
         accelerator="cpu",

@@ -76,7 +76,9 @@ class Run:
         self.plugin.device = device
         self.plugin.convert_module(self.model)
         self.model.to(device).train()
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=base.hparams.lr)
+        # the configured rate (the CLI stores model.optimizer as its class path and init args)
+        lr = base.hparams["optimizer"]["init_args"]["lr"]
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr)
         self.times: list[float] = []
         self.peak: int | None = None
 

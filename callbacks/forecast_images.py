@@ -37,12 +37,12 @@ def data_style(trainer: pl.Trainer, channel: int) -> FieldStyle:
 
 def panel_members(model: Any, x: torch.Tensor, members: int | None) -> torch.Tensor | None:
     """Physical ensemble ``(B, M, T, C, H, W)`` of physical inputs ``x``, or ``None`` without a
-    code bank. ``members=None`` draws what ``predict`` writes (the module's ``predict_members``,
+    code bank. ``members=None`` draws what ``predict`` writes (the module's ``ensemble_size``,
     beam-searched when it is set up so) and otherwise the ``candidate_k`` code-bank rollouts."""
     if not isinstance(model, SearchableModel) or model.codebook_size == 0:
         return None
     # the predict ensemble's size is a module setting outside the protocol; 0 when unset
-    predict = int(model.hparams.get("predict_members", 0))
+    predict = int(model.ensemble_size)
     with torch.no_grad():
         if members is None and predict >= 2:
             return model.ensemble_members(x).fields
@@ -59,7 +59,7 @@ class ForecastImageLogger(pl.Callback):
         channel: channel to plot.
         max_leads: lead times shown in the forecast panel (evenly spread over the horizon).
         ensemble: draw the ensemble panel when the model has a code bank.
-        members: ensemble size for the panel; ``None`` uses the module's ``predict_members``
+        members: ensemble size for the panel; ``None`` uses the module's ``ensemble_size``
             (its ``predict`` ensemble) or else ``candidate_k`` code-bank rollouts.
         animation: write the rollout GIF at the end of fit.
         fps: frames per second of the GIF.

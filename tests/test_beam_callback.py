@@ -117,7 +117,7 @@ class EpochStart(pl.Callback):
 def make_module(**kwargs: Any) -> ForecastModule:
     torch.manual_seed(0)
     bottleneck = functools.partial(VQBottleneck, codebook_size=16, kmeans_init=False)
-    args: dict = dict(rollout_steps=STEPS, candidate_k=K, lr=1e-3)
+    args: dict = dict(rollout_steps=STEPS, candidate_k=K)
     args.update(kwargs)
     return ForecastModule(ResNet(T_IN, T_OUT, 1, 1, width=8, n_blocks=1), bottleneck, **args)
 

@@ -190,7 +190,7 @@ def test_unknown_class_is_named(
 
 
 def test_shape_mismatch_between_data_and_model(tmp_path: Path, tiny_file: Path) -> None:
-    with pytest.raises(ValueError, match="data.in_steps=4 but the model expects 5"):
+    with pytest.raises(ValueError, match="data.windows.in_steps=4 but the model expects 5"):
         run_fit(tmp_path, "--data.init_args.windows.in_steps", "4")
 
 

@@ -20,7 +20,9 @@ from beamvq.callbacks.prediction_writer import NetCDFPredictionWriter
 from beamvq.datamodules.config import LoaderConfig, SplitConfig, WindowConfig
 from beamvq.datamodules.netcdf import NetCDFDataModule
 from beamvq.datamodules.synthetic import NavierStokesGenerator, write_navier_stokes
-from beamvq.module import EnsembleMetrics, ForecastMetrics, ForecastModule
+from beamvq.ensemble import EnsembleConfig
+from beamvq.evaluation import EnsembleMetrics, ForecastMetrics
+from beamvq.module import ForecastModule
 
 T_IN, T_OUT, STEPS, K = 2, 2, 2, 3
 
@@ -117,7 +119,7 @@ def test_csi_counts_are_pooled_over_batches_and_per_lead() -> None:
 
 def test_test_logs_pooled_crps_and_spread_skill(ns_file: Path) -> None:
     dm = make_dm(ns_file)
-    module = make_module(predict_members=3, csi_thresholds=[0.0])
+    module = make_module(ensemble=EnsembleConfig(members=3), csi_thresholds=[0.0])
     result = trainer().test(module, dm, verbose=False)[0]
     # the same members computed over the whole test split at once
     ds = dm.dataset("test")
@@ -149,7 +151,7 @@ def test_deterministic_test_logs_no_ensemble_metrics(ns_file: Path) -> None:
 
 
 def test_predict_rank_aligned_members(ns_file: Path) -> None:
-    module = make_module(predict_members=3)
+    module = make_module(ensemble=EnsembleConfig(members=3))
     preds = trainer(limit_predict_batches=1).predict(module, make_dm(ns_file))
     p = preds[0]
     assert p.members.shape == (p.forecast.shape[0], 3, *p.forecast.shape[1:])
@@ -161,7 +163,7 @@ def test_predict_rank_aligned_members(ns_file: Path) -> None:
 
 def test_predict_beam_members_are_best_first_and_written(ns_file: Path, tmp_path: Path) -> None:
     scorer = metrics.SpectrumScorer(from_vorticity=True)
-    module = make_module(predict_members=3, predict_beam_width=2, predict_scorer=scorer)
+    module = make_module(ensemble=EnsembleConfig(members=3, beam_width=2, scorer=scorer))
     out = tmp_path / "pred.nc"
     dm = make_dm(ns_file)
     preds = trainer(callbacks=[NetCDFPredictionWriter(str(out))]).predict(module, dm)
@@ -209,16 +211,14 @@ def test_search_step_fn_candidate_zero_is_the_forecast() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(predict_members=2, predict_beam_width=2, predict_scorer=metrics.NegMSEScorer()),
-         "needs the truth"),
-        (dict(predict_members=2, predict_scorer=metrics.NonNegativityScorer()),
-         "predict_beam_width > 0"),
-        (dict(predict_members=2, predict_beam_width=2), "needs a model.predict_scorer"),
-        (dict(predict_members=7, predict_beam_width=2, predict_scorer=metrics.NonNegativityScorer()),
-         r"predict_members=7 must be in \[1, 6\]"),
-        (dict(predict_beam_width=-1), "predict_beam_width must be >= 0"),
+        (dict(members=2, beam_width=2, scorer=metrics.NegMSEScorer()), "needs the truth"),
+        (dict(members=2, scorer=metrics.NonNegativityScorer()), "ensemble.beam_width > 0"),
+        (dict(members=2, beam_width=2), "needs a model.ensemble.scorer"),
+        (dict(members=7, beam_width=2, scorer=metrics.NonNegativityScorer()),
+         r"ensemble.members=7 must be in \[1, 6\]"),
+        (dict(beam_width=-1), "ensemble.beam_width must be >= 0"),
     ],
 )  # fmt: skip
 def test_bad_predict_search_arguments_fail_at_construction(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        make_module(**kwargs)
+        make_module(ensemble=EnsembleConfig(**kwargs))

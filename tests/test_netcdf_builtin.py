@@ -143,7 +143,7 @@ def test_era5_like_config_trains_from_the_cli(
     metrics = cli.trainer.callback_metrics
     assert "val/loss" in metrics and np.isfinite(float(metrics["val/loss"]))
     # the model normalizes with the training split's statistics of the five channels
-    np.testing.assert_allclose(cli.model.norm_mean.numpy(), dm.normalization.mean)
+    np.testing.assert_allclose(cli.model.normalizer.mean.numpy(), dm.normalization.mean)
     # lat-lon data: latitude-weighted metrics are chosen automatically
     np.testing.assert_allclose(cli.model.lat_deg.numpy(), dm.latitude)
     for key in ("val/lat_rmse", "val/acc", "val/lat_rmse_lead1", "val/acc_lead4"):

@@ -29,14 +29,19 @@ from beamvq.backbones import ResNet, SimVPv2
 from beamvq.bottleneck import VQBottleneck
 from beamvq.callbacks.beam_search import BeamSearchAugmentation
 from beamvq.checkpoint_io import AtomicCheckpointIO, stale_temp_files
-from beamvq.cli import BeamVQCLI, console_main, main, start_wandb
+from beamvq.checkpointing import collect_rng_state, restore_rng_state
+from beamvq.cli import BeamVQCLI, console_main, main
 from beamvq.datamodules.config import LoaderConfig, SplitConfig, WindowConfig
 from beamvq.datamodules.netcdf import NetCDFDataModule
 from beamvq.datamodules.synthetic import write_navier_stokes
+from beamvq.evaluation import ForecastMetrics
+from beamvq.faults import FaultConfig
 from beamvq.metrics import NegMSEScorer
-from beamvq.module import ForecastMetrics, ForecastModule, collect_rng_state, restore_rng_state
+from beamvq.module import ForecastModule
+from beamvq.optim import LRSchedule
 from beamvq.quant import QuantRecipe, convert_to_quantized
 from beamvq.selftrain import SearchConfig
+from beamvq.wandb_start import start_wandb
 
 ROOT = Path(__file__).resolve().parents[1]
 T_IN, T_OUT = 2, 2
@@ -59,7 +64,7 @@ def make_dm(path: Path | str, variables: tuple[str, ...] = ("vorticity",)) -> Ne
 def make_module(width: int = 8, **kwargs: Any) -> ForecastModule:
     torch.manual_seed(0)
     bottleneck = functools.partial(VQBottleneck, codebook_size=16, kmeans_init=False)
-    args: dict = dict(candidate_k=3, lr=1e-3, scheduler="none")
+    args: dict = dict(candidate_k=3, lr_schedule=LRSchedule(scheduler="none"))
     args.update(kwargs)
     return ForecastModule(ResNet(T_IN, T_OUT, 1, 1, width=width, n_blocks=1), bottleneck, **args)
 
@@ -175,11 +180,11 @@ class StepRecorder(pl.Callback):
 def test_nan_loss_skip_leaves_model_and_code_bank_untouched(
     ns_file: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    module = make_module(nan_policy="skip")
+    module = make_module(faults=FaultConfig(nan_policy="skip"))
     name, layer = poisoned_layer(module)
     layer.register_forward_hook(Poison(module, {1}))
     rec = StepRecorder()
-    with caplog.at_level(logging.WARNING, logger="beamvq.module"):
+    with caplog.at_level(logging.WARNING, logger="beamvq.faults"):
         make_trainer(callbacks=[rec]).fit(module, make_dm(ns_file))
     assert module.skipped_batches == 1
     assert any(
@@ -194,7 +199,7 @@ def test_nan_loss_skip_leaves_model_and_code_bank_untouched(
 
 
 def test_too_many_skips_in_a_row_stop(ns_file: Path) -> None:
-    module = make_module(nan_policy="skip", nan_max_consecutive_skips=2)
+    module = make_module(faults=FaultConfig(nan_policy="skip", max_consecutive_skips=2))
     layer = poisoned_layer(module)[1]
     layer.register_forward_hook(Poison(module, set(range(100))))
     with pytest.raises(FloatingPointError, match="2 batches in a row were skipped"):
@@ -215,7 +220,7 @@ def test_nan_gradient_stops_naming_the_parameter(ns_file: Path) -> None:
 
 
 def test_nan_gradient_skip_keeps_the_weights(ns_file: Path) -> None:
-    module = make_module(nan_policy="skip")
+    module = make_module(faults=FaultConfig(nan_policy="skip"))
     _poison_grad(module, {1})
     rec = StepRecorder()
     make_trainer(callbacks=[rec]).fit(module, make_dm(ns_file))
@@ -291,8 +296,8 @@ def test_inf_gradient_into_a_quantized_layer_is_caught(ns_file: Path) -> None:
 
 
 def test_nan_policy_is_checked() -> None:
-    with pytest.raises(ValueError, match="model.nan_policy"):
-        make_module(nan_policy="ignore")
+    with pytest.raises(ValueError, match="model.faults.nan_policy"):
+        make_module(faults=FaultConfig(nan_policy="ignore"))
 
 
 # -- checkpoint mismatches ---------------------------------------------------------------------------
@@ -405,11 +410,25 @@ def test_cli_names_the_constructor_argument_behind_other_shapes(
 
 def test_cli_keeps_predict_time_options(cli_run: tuple[Path, list[str]]) -> None:
     ckpt, args = cli_run
-    # the checkpoint was trained with predict_members 4; LightningCLI alone would restore that
-    cli = main(["predict", *args, "--model.predict_members", "2", "--ckpt_path", str(ckpt)])
-    assert cli.model.hparams.predict_members == 2
+    # the checkpoint was trained with ensemble.members 4; LightningCLI alone would restore that
+    cli = main(["predict", *args, "--model.ensemble.members", "2", "--ckpt_path", str(ckpt)])
+    assert cli.model.ensemble_config.members == 2
     with xr.open_dataset(ckpt.parents[1] / "predictions.nc") as ds:
         assert ds.sizes["member"] == 2
+
+
+def test_a_cli_checkpoint_rebuilds_its_module(cli_run: tuple[Path, list[str]]) -> None:
+    ckpt, _ = cli_run
+    module = ForecastModule.load_from_checkpoint(ckpt)
+    # the quickstart's grouped arguments, as configured
+    assert module.ensemble_config.members == 4 and module.loss_config.candidate_weight == 0.1
+    assert module.model.bottleneck.codebook_size == 16 and module.candidate_k == 4
+    opt = module.optimizer_factory(module.parameters())
+    assert type(opt) is torch.optim.AdamW
+    assert opt.defaults["lr"] == 1e-3 and opt.defaults["weight_decay"] == 0.0
+    saved = torch.load(ckpt, weights_only=True)["state_dict"]
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, saved[k]), k
 
 
 # -- W&B fallback ---------------------------------------------------------------------------------

@@ -246,7 +246,7 @@ def test_ddp_over_gloo_keeps_ranks_identical_and_pools_metrics(tmp_path: Path) -
     # 13 frames: 4 windows per trajectory, so the validation windows split evenly over the 2
     # ranks (DistributedSampler would repeat a window to even out an odd count)
     data = [*TINY, f"{GENERATOR}n_frames", "13", "--trainer.limit_val_batches", "1.0",
-            "--model.csi_thresholds", "[0.3, 0.9]", "--model.nan_policy", "skip"]  # fmt: skip
+            "--model.csi_thresholds", "[0.3, 0.9]", "--model.faults.nan_policy", "skip"]  # fmt: skip
     ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
     assert beamvq(tmp_path, ["fit", "--config", str(cfg), *data, *ddp], fault="nan:1:4") == 0
     ranks = [load_rank(run, r) for r in (0, 1)]

@@ -83,8 +83,8 @@ model:
     class_path: beamvq.bottleneck.VQBottleneck
     init_args: {{codebook_size: 16}}
   candidate_k: 3
-  candidate_loss_weight: 0.1
-  predict_members: 3
+  loss: {{candidate_weight: 0.1}}
+  ensemble: {{members: 3}}
 data:
   class_path: beamvq.datamodules.netcdf.NetCDFDataModule
   init_args:

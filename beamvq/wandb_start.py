@@ -1,0 +1,106 @@
+"""Start W&B runs before training, so that an online run that cannot start goes offline.
+
+W&B runs offline unless the environment says otherwise (``beamvq.cli`` sets ``WANDB_MODE=offline``
+by default; ``WANDB_MODE=online`` uploads, ``WANDB_MODE=disabled`` turns it off). An online run
+that cannot start (no API key, wrong entity or project, no network) falls back to an offline run
+in the same ``save_dir`` with a warning, within ``WANDB_INIT_TIMEOUT`` seconds (default 30), so
+training never waits on W&B; ``wandb sync`` uploads it later.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities import rank_zero_only
+
+log = logging.getLogger("beamvq")
+
+_OFFLINE_MODES = {"offline", "dryrun", "disabled"}
+DEFAULT_WANDB_INIT_TIMEOUT = 30.0
+
+__all__ = ["DEFAULT_WANDB_INIT_TIMEOUT", "finish_wandb", "start_wandb"]
+
+
+def _init_settings(logger: WandbLogger) -> tuple[bool, dict[str, Any]]:
+    """The logger's ``offline`` flag and the keyword arguments it will pass to ``wandb.init``
+    (the dict itself: changing it changes the run the logger starts).
+
+    The one place that reads WandbLogger's private state: it has no public accessor for either,
+    and the fallback below must set the run's mode and ``init_timeout`` before the logger starts
+    the run (``logger.experiment``), which is the logger's only public way to start it.
+    """
+    return logger._offline, logger._wandb_init
+
+
+def _wandb_mode(logger: WandbLogger) -> str:
+    offline, init = _init_settings(logger)
+    if offline:
+        return "offline"
+    return str(init.get("mode") or os.environ.get("WANDB_MODE") or "online")
+
+
+def start_wandb(trainer: pl.Trainer, init_timeout: float | None = None) -> None:
+    """Start every W&B run of ``trainer`` now; an online run that cannot start goes offline.
+
+    ``wandb.init`` gets ``init_timeout`` seconds (default: ``$WANDB_INIT_TIMEOUT`` or 30) unless
+    the logger's own ``settings`` say otherwise. Any failure to start online (no API key, an
+    unknown entity or project, an unreachable server) is logged as a warning and the logger
+    starts an offline run in the same ``save_dir`` instead. Offline and disabled runs start
+    lazily as usual; ranks other than 0 have no W&B run.
+    """
+    if rank_zero_only.rank != 0:
+        return
+    if init_timeout is None:
+        init_timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", DEFAULT_WANDB_INIT_TIMEOUT))
+    loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+    if not loggers:
+        return
+    import wandb
+
+    for logger in loggers:
+        # a run in progress is the one the logger attaches to (WandbLogger.experiment)
+        if wandb.run is None and _wandb_mode(logger) not in _OFFLINE_MODES:
+            _start_or_go_offline(logger, init_timeout)
+
+
+def _start_or_go_offline(logger: WandbLogger, init_timeout: float) -> None:
+    import wandb
+
+    _, init = _init_settings(logger)
+    # the CLI may pass settings=None through WandbLogger's **kwargs (wandb.init's signature)
+    settings = init.get("settings")
+    if settings is None:
+        init["settings"] = wandb.Settings(init_timeout=init_timeout)
+    elif isinstance(settings, dict):
+        settings.setdefault("init_timeout", init_timeout)
+    try:
+        logger.experiment  # noqa: B018  (starts the run)
+    except Exception as err:  # wandb raises CommError, UsageError, AuthenticationError, ...
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        log.warning(
+            "W&B could not start an online run (%s: %s); training goes on with an offline "
+            "run in %s (upload it later with `wandb sync`)",
+            type(err).__name__,
+            message,
+            logger.save_dir or "./wandb",
+        )
+        if wandb.run is not None:
+            wandb.finish()
+        # the failed start left the logger without a run: the next access starts offline
+        init["mode"] = "offline"
+        logger.experiment  # noqa: B018
+
+
+def finish_wandb(trainer: pl.Trainer) -> None:
+    """Close the W&B run of ``trainer``'s loggers, so a following command (e.g. predict after
+    fit) in the same process starts its own run."""
+    if not any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
+        return
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
