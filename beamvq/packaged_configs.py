@@ -108,7 +108,9 @@ def _resolve_one(value: str) -> str:
     return value if found is None else str(found)
 
 
-def copy_configs(dest: Path, names: Sequence[str] | None = None, overwrite: bool = False) -> list[Path]:
+def copy_configs(
+    dest: Path, names: Sequence[str] | None = None, overwrite: bool = False
+) -> list[Path]:
     """Copy the packaged configs ``names`` (all when None) below ``dest``, keeping their folders
     (``backbones/fno`` -> ``dest/backbones/fno.yaml``); return the files written.
 
