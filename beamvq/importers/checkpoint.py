@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import pickle
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -132,7 +133,11 @@ def build_module(configs: Sequence[Path]) -> BuiltModule:
     parser.add_class_arguments(ForecastModule, "model", fail_untyped=False)
     cfg = _compose(parser, "model", _sections(configs, "model"))
     hparams = yaml.safe_load(parser.dump(cfg, skip_none=False))["model"]
-    module = parser.instantiate_classes(cfg).model
+    with warnings.catch_warnings():
+        # save_hyperparameters() sees the backbone object here (LightningCLI hands it the
+        # configuration instead); the checkpoint records the configuration below
+        warnings.filterwarnings("ignore", message=r"Attribute '\w+' is an instance of `nn.Module`")
+        module = parser.instantiate_classes(cfg).model
     return BuiltModule(module, {**hparams, "_instantiator": INSTANTIATOR})
 
 

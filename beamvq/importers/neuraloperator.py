@@ -150,7 +150,7 @@ def import_neuraloperator_fno(
         raise WeightMismatch(
             f"{SOURCE} FNO weights map onto beamvq's FNO; got {type(backbone).__name__}"
         )
-    foreign = strip_prefix(state_dict, ("lifting.", "fno_blocks.", "projection.", "positional"))
+    foreign = strip_prefix(state_dict, ("lifting.", "fno_blocks.", "projection."))
     expanded: dict[str, object] = {}
     for name, value in foreign.items():
         expanded[name] = value
