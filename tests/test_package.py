@@ -220,11 +220,8 @@ def _build_wheel(tmp: Path) -> Path:
     return wheel
 
 
-@pytest.mark.slow
-def test_wheel_installed_outside_the_repo_fits_from_the_packaged_quickstart(
-    tmp_path: Path,
-) -> None:
-    wheel = _build_wheel(tmp_path)
+def _assert_wheel_contents(wheel: Path) -> None:
+    """One top-level package, py.typed, every config, the LICENSE and the declared dependencies."""
     names = set(zipfile.ZipFile(wheel).namelist())
     tops = {n.split("/")[0] for n in names}
     assert {t for t in tops if not t.endswith((".dist-info", ".data"))} == {"beamvq"}
@@ -237,6 +234,21 @@ def test_wheel_installed_outside_the_repo_fits_from_the_packaged_quickstart(
     for dep in ("torchmetrics", "pandas", "fsspec", "tqdm"):
         assert re.search(rf"^Requires-Dist: {dep}\b", metadata, re.M), dep
 
+
+_PROBE = """
+import beamvq, beamvq.datamodules, beamvq.callbacks
+from beamvq.packaged_configs import resolve_config_arguments, version_string
+print(beamvq.__file__); print(beamvq.datamodules.__file__); print(beamvq.callbacks.__file__)
+print(version_string()); print(resolve_config_arguments(["--config", "quickstart"])[1])
+"""
+
+
+@pytest.mark.slow
+def test_wheel_installed_outside_the_repo_fits_from_the_packaged_quickstart(
+    tmp_path: Path,
+) -> None:
+    wheel = _build_wheel(tmp_path)
+    _assert_wheel_contents(wheel)
     site = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q",
@@ -246,15 +258,9 @@ def test_wheel_installed_outside_the_repo_fits_from_the_packaged_quickstart(
     work = tmp_path / "work"
     work.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    probe = subprocess.run(
-        [sys.executable, "-c",
-         "import beamvq, beamvq.datamodules, beamvq.callbacks\n"
-         "from beamvq.packaged_configs import resolve_config_arguments, version_string\n"
-         "print(beamvq.__file__); print(beamvq.datamodules.__file__)\n"
-         "print(beamvq.callbacks.__file__); print(version_string())\n"
-         "print(resolve_config_arguments(['--config', 'quickstart'])[1])"],
-        cwd=work, env=env, capture_output=True, text=True, check=True,
-    )  # fmt: skip
+    # the installed copy, not the repository's (nor the editable install's) is what runs
+    probe = subprocess.run([sys.executable, "-c", _PROBE], cwd=work, env=env,
+                           capture_output=True, text=True, check=True)  # fmt: skip
     package, datamodules, callbacks, version, quickstart = probe.stdout.splitlines()
     for path in (package, datamodules, callbacks, quickstart):
         assert Path(path).resolve().is_relative_to(site.resolve()), path

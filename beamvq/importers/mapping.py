@@ -61,6 +61,51 @@ def _target_name(rule: Rule, match: re.Match[str]) -> str:
     return rule.target(match) if callable(rule.target) else match.expand(rule.target)
 
 
+class _Sides(NamedTuple):
+    """The two sides of one conversion, for the messages."""
+
+    source: str
+    backbone: str
+
+
+def _target_of(name: str, value: Tensor, rules: Sequence[tuple[re.Pattern[str], Rule]],
+               refusals: Sequence[tuple[re.Pattern[str], str]], sides: _Sides) -> tuple[str, Rule]:  # fmt: skip
+    """The beamvq name and the rule for the foreign parameter ``name``, or the reason it has none."""
+    for pattern, reason in refusals:
+        if pattern.fullmatch(name):
+            raise WeightMismatch(f"{sides.source} parameter {name}: {reason}")
+    for pattern, rule in rules:
+        match = pattern.fullmatch(name)
+        if match is not None:
+            return _target_name(rule, match), rule
+    raise WeightMismatch(
+        f"{sides.source} parameter {name} {tuple(value.shape)} has no place in {sides.backbone}: "
+        "it is not a weight of the network this importer maps (see docs/importing.md)"
+    )
+
+
+def _fitted(name: str, value: Tensor, ours: str, rule: Rule, target: Mapping[str, Tensor],
+            sides: _Sides) -> Tensor:  # fmt: skip
+    """``value`` in beamvq's layout and dtype, once its shape is checked against ``ours``."""
+    if ours not in target:
+        raise WeightMismatch(
+            f"{sides.source} parameter {name} {tuple(value.shape)} maps to {ours}, which "
+            f"{sides.backbone} does not have: the backbone config builds a different network "
+            "(layer counts)"
+        )
+    tensor = rule.transform(value) if rule.transform is not None else value
+    expected = target[ours]
+    if tuple(tensor.shape) != tuple(expected.shape):
+        raise WeightMismatch(
+            f"{sides.source} parameter {name} has shape {tuple(value.shape)}"
+            + (f" (as beamvq's layout {tuple(tensor.shape)})" if tensor is not value else "")
+            + f", but {sides.backbone}'s {ours} has shape {tuple(expected.shape)}: the backbone "
+            "config's init_args (widths, kernel sizes, steps, channels) differ from the "
+            "trained network's"
+        )
+    return tensor.detach().to(dtype=expected.dtype).clone()
+
+
 def convert(
     foreign: Mapping[str, object],
     rules: Sequence[Rule],
@@ -75,42 +120,17 @@ def convert(
     (neuraloperator's ``_metadata``) are skipped. Raises :class:`WeightMismatch` naming the first
     parameter that does not fit; returns tensors with ``target``'s names, dtypes and shapes.
     """
+    sides = _Sides(source, backbone)
     compiled = [(re.compile(r.pattern), r) for r in rules]
     refused = [(re.compile(r.pattern), r.reason) for r in refusals]
     out: dict[str, Tensor] = {}
     for name, value in foreign.items():
         if not isinstance(value, Tensor):
             continue
-        for pattern, reason in refused:
-            if pattern.fullmatch(name):
-                raise WeightMismatch(f"{source} parameter {name}: {reason}")
-        match, rule = next(
-            ((p.fullmatch(name), r) for p, r in compiled if p.fullmatch(name)), (None, None)
-        )
-        if match is None or rule is None:
-            raise WeightMismatch(
-                f"{source} parameter {name} {tuple(value.shape)} has no place in {backbone}: it "
-                "is not a weight of the network this importer maps (see docs/importing.md)"
-            )
-        ours = _target_name(rule, match)
-        if ours not in target:
-            raise WeightMismatch(
-                f"{source} parameter {name} {tuple(value.shape)} maps to {ours}, which {backbone} "
-                "does not have: the backbone config builds a different network (layer counts)"
-            )
+        ours, rule = _target_of(name, value, compiled, refused, sides)
         if ours in out:
             raise WeightMismatch(f"{source} parameters map twice onto {ours} (the second: {name})")
-        tensor = rule.transform(value) if rule.transform is not None else value
-        expected = target[ours]
-        if tuple(tensor.shape) != tuple(expected.shape):
-            raise WeightMismatch(
-                f"{source} parameter {name} has shape {tuple(value.shape)}"
-                + (f" (as beamvq's layout {tuple(tensor.shape)})" if tensor is not value else "")
-                + f", but {backbone}'s {ours} has shape {tuple(expected.shape)}: the backbone "
-                "config's init_args (widths, kernel sizes, steps, channels) differ from the "
-                "trained network's"
-            )
-        out[ours] = tensor.detach().to(dtype=expected.dtype).clone()
+        out[ours] = _fitted(name, value, ours, rule, target, sides)
     missing = [k for k in target if k not in out]
     if missing:
         raise WeightMismatch(
