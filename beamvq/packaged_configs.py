@@ -83,15 +83,16 @@ def packaged_config(name: str) -> Path | None:
 
 
 def resolve_config_arguments(argv: Sequence[str]) -> list[str]:
-    """``argv`` with every ``--config NAME`` / ``--config=NAME`` that names a packaged config
-    (and is not an existing file) replaced by the packaged file's path; all else untouched."""
+    """``argv`` with every ``--config NAME`` / ``--config=NAME`` / ``-c NAME`` that names a
+    packaged config (and is not an existing file) replaced by the packaged file's path; all else
+    untouched."""
     out: list[str] = []
     expect_value = False
     for arg in argv:
         if expect_value:
             out.append(_resolve_one(arg))
             expect_value = False
-        elif arg == "--config":
+        elif arg in ("--config", "-c"):  # LightningCLI's two spellings
             out.append(arg)
             expect_value = True
         elif arg.startswith("--config="):

@@ -150,6 +150,7 @@ def test_resolve_config_arguments_replaces_packaged_names_only(
         "--config", "configs/report.yaml",  # existing here too
         "--config", "configs/beamvq/ns.yaml",  # the README's spelling, not a file here
         "--config", "nonexistent",  # left for LightningCLI to report
+        "-c", "backbones/fno",  # LightningCLI's short spelling
         "--model.lr", "quickstart",  # only values of --config are looked at
     ]  # fmt: skip
     out = resolve_config_arguments(argv)
@@ -162,6 +163,7 @@ def test_resolve_config_arguments_replaces_packaged_names_only(
         "--config", "configs/report.yaml",
         "--config", ns,
         "--config", "nonexistent",
+        "-c", fno,
         "--model.lr", "quickstart",
     ]  # fmt: skip
     assert packaged_config("nonexistent") is None

@@ -35,6 +35,7 @@ from beamvq.importers.checkpoint import (
 from beamvq.importers.mapping import WeightMismatch
 from beamvq.importers.neuraloperator import FNO_DIFFERENCES, import_neuraloperator_fno
 from beamvq.importers.openstl import import_openstl
+from beamvq.packaged_configs import resolve_config_arguments
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,8 @@ def _statistics(args: argparse.Namespace) -> tuple[Sequence[float], Sequence[flo
 
 def importing_command(argv: Sequence[str]) -> int:
     """``beamvq import-weights ...`` (see the module docstring); returns the exit status."""
-    args = _parser().parse_args(list(argv))
+    # --config NAME of a packaged config (beamvq configs list) is that file, as for beamvq fit
+    args = _parser().parse_args(resolve_config_arguments(argv))
     if args.out.exists() and not args.overwrite:
         sys.stderr.write(f"beamvq import-weights: --out {args.out} exists (--overwrite)\n")
         return 2
