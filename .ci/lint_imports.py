@@ -37,8 +37,12 @@ def stage(root: Path, dest: Path) -> None:
     # then every mapped package from the folder it is mapped to
     tops = {p: p for p in setuptools["packages"] if "." not in p}
     for package, folder in {**tops, **mapped}.items():
+        source = root / folder
+        # package-data folders (configs/ -> beamvq.configs) hold no module to check
+        if not source.is_dir() or not any(source.rglob("*.py")):
+            continue
         target = dest / package.replace(".", "/")
-        shutil.copytree(root / folder, target, ignore=ignore, dirs_exist_ok=True)
+        shutil.copytree(source, target, ignore=ignore, dirs_exist_ok=True)
 
 
 def main() -> int:

@@ -38,6 +38,7 @@ import beamvq.quant  # noqa: F401  (registers the precision strategies by name)
 from beamvq.checkpoint_io import AtomicCheckpointIO
 from beamvq.checkpointing import check_ckpt_path
 from beamvq.module import ForecastModule
+from beamvq.packaged_configs import configs_command, resolve_config_arguments, version_string
 from beamvq.wandb_start import finish_wandb, start_wandb
 
 log = logging.getLogger("beamvq")
@@ -209,6 +210,8 @@ def main(args: list[str] | None = None) -> BeamVQCLI:
     # Lightning's launcher leaves its rank-0 variables in os.environ; a second run in this
     # process (tests, notebooks, beamvq.summary) must start from the environment it was given
     launch_env = {name: os.environ.get(name) for name in LAUNCH_ENV}
+    if isinstance(args, list):
+        args = resolve_config_arguments(args)
     try:
         cli = BeamVQCLI(
             ForecastModule,
@@ -233,5 +236,21 @@ def main(args: list[str] | None = None) -> BeamVQCLI:
 
 def console_main() -> None:
     """Entry point of the ``beamvq`` console script: returns nothing, so the exit status is 0 on
-    success (``sys.exit`` of the CLI object would print it and exit with status 1)."""
+    success (``sys.exit`` of the CLI object would print it and exit with status 1).
+
+    Before LightningCLI parses: ``beamvq --version``, ``beamvq configs ...`` (list or copy the
+    packaged configs), ``beamvq import-weights ...`` (OpenSTL / neuraloperator checkpoints), and
+    ``--config NAME`` of a packaged config becomes its file."""
+    argv = sys.argv[1:]
+    if argv[:1] == ["--version"]:
+        sys.stdout.write(version_string() + "\n")
+        return
+    if argv[:1] == ["configs"]:
+        sys.exit(configs_command(argv[1:]))
+    if argv[:1] == ["import-weights"]:
+        from beamvq.importers import importing_command
+
+        sys.exit(importing_command(argv[1:]))
+    # LightningCLI reads sys.argv itself: rewrite it in place rather than passing args=
+    sys.argv[1:] = resolve_config_arguments(argv)
     main()
