@@ -287,6 +287,14 @@ def test_paper_preset_parameter_count() -> None:
     with_update = CuboidSelfAttention(256, 4, (13, 16, 16), pattern, True, True)
     without = CuboidSelfAttention(256, 4, (13, 16, 16), pattern, True, False)
     assert count_parameters(with_update) - count_parameters(without) == 459_008
+    # Built, the reference package counts 8,659,677: its decoder self-attention sizes the temporal
+    # bias table of the top level from the encoder's T_in = 13 (25 rows) while only T_out = 12
+    # steps attend (23 rows, ours): 2 unused rows x 4 heads.
+    reference_table = RelativePositionBias((13, 1, 1), 4)
+    ours_table = model.dec_self[0][0].attns[0].rel_bias
+    assert ours_table.table.shape == (23, 4)
+    assert count_parameters(reference_table) - count_parameters(ours_table) == 8
+    assert PAPER_COUNT + 459_008 + 8 == 8_659_677
 
     quick = yaml.safe_load((CONFIGS / "earthformer.yaml").read_text())["model"]["backbone"]
     assert quick["class_path"] == "beamvq.backbones.Earthformer"

@@ -16,9 +16,11 @@ The draw is one Bernoulli per sample and frame (the whole frame is true or predi
 global torch generator, as OpenSTL draws per ``(sample, frame)`` with numpy.
 
 Progress ``p`` is the share of training done, in ``[0, 1]``. The references count optimizer
-iterations; the defaults are theirs over PredRNN's 80,000-iteration Moving-MNIST run
-(``sampling_stop_iter = 50,000``; ``r_sampling_step_1 = 25,000``, ``r_sampling_step_2 =
-50,000``, ``r_exp_alpha = 5,000``): 0.625, 0.3125, 0.625 and 0.0625.
+iterations; the defaults are OpenSTL's Moving-MNIST settings (``configs/mmnist/PredRNN.py``,
+``PredRNNv2.py``: ``sampling_stop_iter = 50,000``; ``r_sampling_step_1 = 25,000``,
+``r_sampling_step_2 = 50,000``, ``r_exp_alpha = 5,000``) over the 80,000 iterations of PredRNN's
+own Moving-MNIST scripts (``--max_iterations 80000``): 0.625, 0.3125, 0.625 and 0.0625.
+(PredRNN-V2's script uses ``r_exp_alpha = 2,500``, i.e. 0.03125.)
 """
 
 from __future__ import annotations
