@@ -11,12 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from beamvq.backbones import Earthformer, FourCastNet
 from beamvq.backbones.base import count_parameters
+from beamvq.module import ForecastModule
 from beamvq.nn.moe import (
     PAPER_EXPERT_LR_RATIO,
     MoEConfig,
@@ -31,6 +33,7 @@ from beamvq.nn.moe import (
     pop_stats,
     route,
 )
+from beamvq.protocols import Batch
 from beamvq.tuning import lr_for_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -365,3 +368,69 @@ def test_moe_config_fast_dev_run(
     assert layers and all(m.config.num_experts == 4 for m in layers)
     assert all(int(m.routing_step) >= 1 for m in layers)  # every MoE layer ran in training
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
+
+
+# -- the module integration the lead adds at merge (docs/systems.md), through a subclass ---------
+class WiredModule(ForecastModule):
+    """Today's ForecastModule plus exactly the calls docs/systems.md asks the module to make."""
+
+    def training_progress(self) -> float:
+        total = self.trainer.estimated_stepping_batches
+        return float(self.global_step) / total if math.isfinite(total) and total > 0 else 0.0
+
+    def global_batch_size(self) -> int:
+        t = self.trainer
+        return int(t.datamodule.batch_size) * t.world_size * t.accumulate_grad_batches
+
+    def compute_loss(self, x, y, weight, train):  # noqa: ANN001, ANN201 - today's signature
+        loss, parts, pred = super().compute_loss(x, y, weight, train)
+        if train:  # after every forward of the step (rollout and candidates)
+            extra = self.model.backbone.extra_loss(pred, y[:, : pred.shape[1]])
+            loss = loss + extra
+            parts["backbone_extra"] = extra.detach()
+        return loss, parts, pred
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        self.model.backbone.begin_training_step(self.normalize(batch.y), self.training_progress())
+        loss = super().training_step(batch, batch_idx)
+        for name, value in self.model.backbone.training_log_values().items():
+            self.log(name, value, batch_size=batch.x.shape[0])
+        return loss
+
+    def configure_optimizers(self):  # noqa: ANN201
+        lr = self.learning_rate()
+        groups = param_groups(self, lr, self.global_batch_size(), self.hparams.lr_b_noise)
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=self.hparams.weight_decay)
+
+
+class _Windows(pl.LightningDataModule):
+    batch_size = 4
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        g = torch.Generator().manual_seed(0)
+        items = [
+            Batch(
+                torch.randn(3, 1, 16, 16, generator=g),
+                torch.randn(2, 1, 16, 16, generator=g),
+                torch.tensor(1.0),
+                torch.tensor(i),
+            )  # fmt: skip
+            for i in range(8)
+        ]
+        return torch.utils.data.DataLoader(items, batch_size=self.batch_size)
+
+
+def test_module_integration_snippet_through_a_subclass(tmp_path: Path) -> None:
+    backbone = tiny(FourCastNet, MoEConfig(num_experts=4, expert_lr="paper"))
+    module = WiredModule(backbone, lr=1e-3, scheduler="none")
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(module, datamodule=_Windows())
+    (opt,) = trainer.optimizers
+    assert [g["name"] for g in opt.param_groups] == ["dense", "experts"]
+    assert opt.param_groups[1]["lr"] == pytest.approx(1e-3 * PAPER_EXPERT_LR_RATIO)
+    logged = trainer.callback_metrics
+    assert float(logged["train/backbone_extra"]) > 0  # the load-balancing term is in the loss
+    assert {"moe/recycled", "moe/dropped", "moe/expert_share/0"} <= set(logged)
+    assert pop_stats(backbone) is None  # the module read every step's statistics

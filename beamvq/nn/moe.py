@@ -354,10 +354,11 @@ def param_groups(
     expert_ids: set[int] = set()
     for layer in moe_layers(module):
         ratio = expert_lr_ratio(layer.config, batch_size, b_noise)
-        params = [p for p in layer.experts.parameters() if p.requires_grad]
+        params = list(layer.experts.parameters())
         ratios.setdefault(ratio, []).extend(params)
         expert_ids.update(id(p) for p in params)
-    dense = [p for p in module.parameters() if p.requires_grad and id(p) not in expert_ids]
+    # the order of module.parameters(): without MoE the optimizer is exactly today's
+    dense = [p for p in module.parameters() if id(p) not in expert_ids]
     groups: list[dict[str, Any]] = [{"params": dense, "lr": lr, "name": "dense"}]
     for i, (ratio, params) in enumerate(sorted(ratios.items())):
         name = "experts" if len(ratios) == 1 else f"experts_{i}"
