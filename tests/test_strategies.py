@@ -87,6 +87,12 @@ def test_fsdp_config_builds_a_cpu_offloading_full_shard_strategy() -> None:
     assert isinstance(strategy, FSDPStrategy)
     assert strategy.cpu_offload == CPUOffload(offload_params=True)
     assert strategy.sharding_strategy == ShardingStrategy.FULL_SHARD
+    # one FSDP unit per repeated block of the backbones (FourCastNet's AFNO blocks among them)
+    from beamvq.backbones.fourcastnet import AFNOBlock
+
+    wrapped = cfg.strategy.init_args.auto_wrap_policy  # the classes, as jsonargparse read them
+    assert AFNOBlock in wrapped and len(wrapped) == 8
+    assert all(issubclass(c, torch.nn.Module) for c in wrapped)
 
 
 def _cli_args(config: Path, tmp_path: Path) -> list[str]:
