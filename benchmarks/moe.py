@@ -23,8 +23,8 @@ wired``: the module read the routing statistics every step). Unread, the statist
 whole fit (recycled and dropped token shares) are printed from the backbone.
 
 Usage: ``python benchmarks/moe.py [--quick] [--seeds 0,1,2] [--backbones fourcastnet,earthformer]
-[--epochs 6] [--batches 16] [--threads 1]``. ``--quick`` (FourCastNet, one seed, 3 epochs of 10
-batches of 8 on 32x32, under a minute on one CPU thread) is the check CI can afford; raw rows are
+[--epochs 6] [--batches 16] [--threads 1]``. ``--quick`` (FourCastNet, one seed, 8 generated
+trajectories at 32x32: 3 epochs of 4 batches of 8, about 30 s on one CPU thread) is the check CI can afford; raw rows are
 appended to ``benchmarks/results/moe.jsonl`` (``moe_quick.jsonl`` for ``--quick``).
 """
 
