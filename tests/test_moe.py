@@ -434,3 +434,13 @@ def test_module_integration_snippet_through_a_subclass(tmp_path: Path) -> None:
     assert float(logged["train/backbone_extra"]) > 0  # the load-balancing term is in the loss
     assert {"moe/recycled", "moe/dropped", "moe/expert_share/0"} <= set(logged)
     assert pop_stats(backbone) is None  # the module read every step's statistics
+
+
+def test_bf16_autocast_and_large_seeds() -> None:
+    m = MoEFeedForward(16, 64, MoEConfig(num_experts=4, capacity_factor=1.0, seed=2**40))
+    x = torch.randn(2, 30, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    assert y.dtype == torch.bfloat16 and y.shape == x.shape
+    y.float().square().mean().backward()
+    assert m.router.weight.grad is not None

@@ -229,7 +229,7 @@ class MoEFeedForward(nn.Module):
     def generator(self) -> torch.Generator:
         """The recycle generator of this call: seed, layer index and step, nothing else."""
         seed = (int(self.config.seed) * 1_000_003 + self.layer_id) * 1_000_003
-        return torch.Generator().manual_seed(seed + int(self.routing_step))
+        return torch.Generator().manual_seed((seed + int(self.routing_step)) % 2**63)
 
     def forward(self, x: Tensor) -> Tensor:
         tokens = x.reshape(-1, x.shape[-1])
@@ -246,8 +246,9 @@ class MoEFeedForward(nn.Module):
         for e, expert in enumerate(self.experts):
             # every expert runs, on zero tokens if needed, so all parameters are in the graph
             idx = (routing.expert == e).nonzero()[:, 0]
-            update = expert(tokens[idx]) * routing.gate[idx, None].to(tokens.dtype)
-            out = out.index_add(0, idx, update)
+            update = expert(tokens[idx])
+            update = update * routing.gate[idx, None].to(update.dtype)
+            out = out.index_add(0, idx, update.to(out.dtype))  # dtypes differ under autocast
         if self.training:
             self._record(routing)
         return out.reshape(x.shape)
