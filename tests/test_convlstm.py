@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,9 @@ import yaml
 
 from beamvq.backbones.base import Encoded, count_parameters
 from beamvq.backbones.convlstm import ConvLSTM
+from beamvq.backbones.predrnn import PredRNN
 from beamvq.nn.recurrent import FORGET_BIAS, ConvLSTMCell, patchify, unpatchify
+from beamvq.nn.sampling import ScheduledSampling, true_frame_probabilities
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "backbones"
 
@@ -210,3 +213,145 @@ def test_grid_and_argument_errors() -> None:
         ConvLSTM(3, 3, 1, 1, filter_size=4)
     with pytest.raises(ValueError, match="num_hidden"):
         ConvLSTM(3, 3, 1, 1, num_hidden=[])
+
+
+# -- (reverse) scheduled sampling (beamvq/nn/sampling.py), shared by ConvLSTM and PredRNN ------
+def _openstl_eta(itr: int, schedule: ScheduledSampling, total: int = 80_000) -> tuple[float, float]:
+    """OpenSTL's schedules (predrnn_utils.py) at iteration ``itr`` of a ``total``-iteration run,
+    with its Moving-MNIST settings expressed as our fractions: (encoder, decoder) probabilities."""
+    if schedule.mode == "scheduled":
+        stop, rate = 50_000, 0.00002
+        eta = 1.0 - rate * itr if itr < stop else 0.0  # eta -= rate once per iteration
+        return 1.0, max(0.0, eta)
+    step1, step2, alpha = 25_000, 50_000, 5_000
+    if itr < step1:
+        return 0.5, 0.5
+    if itr < step2:
+        return (1.0 - 0.5 * math.exp(-(itr - step1) / alpha),
+                0.5 - (0.5 / (step2 - step1)) * (itr - step1))  # fmt: skip
+    return 1.0, 0.0
+
+
+@pytest.mark.parametrize("mode", ["scheduled", "reverse"])
+@pytest.mark.parametrize("itr", [0, 10_000, 25_000, 30_000, 49_999, 50_000, 80_000])
+def test_schedule_matches_openstl(mode: str, itr: int) -> None:
+    schedule = ScheduledSampling(mode=mode)
+    ours = true_frame_probabilities(schedule, itr / 80_000)
+    enc, dec = _openstl_eta(itr, schedule)
+    assert ours.encoder == pytest.approx(enc, abs=1e-9)
+    assert ours.decoder == pytest.approx(dec, abs=1e-9)
+
+
+def _sampled_reference(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, enc_p: float, dec_p: float
+) -> torch.Tensor:
+    """OpenSTL's forward loop over ``T_in + T_out - 1`` steps with ``real_input_flag`` drawn as
+    ours is (one uniform per sample and frame, encoder frames first), on our stack's step."""
+    stack = model.stack
+    frames = patchify(torch.cat([x, y], dim=1), stack.patch_size)
+    t_in = x.shape[1]
+    state = stack.zero_state(frames[:, 0])
+    preds: list[torch.Tensor] = []
+    for t in range(t_in + model.out_steps - 1):
+        p = (enc_p if t < t_in else dec_p) if t > 0 else 1.0
+        if t == 0 or p >= 1:
+            net = frames[:, t]
+        elif p <= 0:
+            net = preds[-1]
+        else:
+            mask = (torch.rand(frames.shape[0], 1, 1, 1) < p).float()
+            net = mask * frames[:, t] + (1 - mask) * preds[-1]
+        state = stack.step(net, state)
+        preds.append(stack.readout(state[stack.top_key]))
+    return unpatchify(torch.stack(preds[t_in - 1 :], dim=1), stack.patch_size)
+
+
+def _sampling_model(cls: type, mode: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return cls(3, 4, 1, 1, num_hidden=[6, 6], filter_size=3, patch_size=2,
+               sampling=ScheduledSampling(mode=mode))  # fmt: skip
+
+
+@pytest.mark.parametrize("cls", [ConvLSTM, PredRNN])
+@pytest.mark.parametrize(("mode", "progress"), [
+    ("scheduled", 0.0), ("scheduled", 0.3), ("scheduled", 0.9),
+    ("reverse", 0.1), ("reverse", 0.5), ("reverse", 1.0),
+])  # fmt: skip
+def test_sampled_training_forward_equals_the_openstl_loop(
+    cls: type, mode: str, progress: float
+) -> None:
+    model = _sampling_model(cls, mode).train()
+    x, y = torch.randn(6, 3, 1, 8, 8), torch.randn(6, 4, 1, 8, 8)
+    probs = true_frame_probabilities(model.sampling, progress)
+    model.begin_training_step(y, progress)
+    torch.manual_seed(7)
+    ours = model(x)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        expected = _sampled_reference(model, x, y, probs.encoder, probs.decoder)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [ConvLSTM, PredRNN])
+def test_teacher_is_used_once_and_only_in_training(cls: type) -> None:
+    model = _sampling_model(cls, "scheduled")
+    x, y = torch.randn(2, 3, 1, 8, 8), torch.randn(2, 4, 1, 8, 8)
+    with torch.no_grad():
+        free = model.eval()(x)
+        model.begin_training_step(y, 0.0)  # eta = 1: every decoder input is the true frame
+        assert torch.equal(model(x), free)  # eval ignores the teacher
+        model.train()
+        forced = model(x)
+        assert torch.equal(forced[:, 0], free[:, 0])  # frame 1 comes from z alone
+        assert not torch.allclose(forced[:, 1:], free[:, 1:])
+        assert torch.equal(model(x), free)  # consumed: the next training forward runs free
+        # a decode of another batch size (K candidates) is never teacher-forced
+        model.begin_training_step(y, 0.0)
+        enc = model.encode(x.repeat(2, 1, 1, 1, 1))
+        assert torch.equal(model.decode(enc), free.repeat(2, 1, 1, 1, 1))
+        # past the schedule's end: training equals the free rollout
+        model.begin_training_step(y, 1.0)
+        assert torch.equal(model(x), free)
+
+
+def test_sampling_is_off_by_default_and_needs_equal_channels() -> None:
+    model = _tiny()
+    assert model.sampling is None
+    x, y = torch.randn(2, 3, 1, 8, 8), torch.randn(2, 4, 1, 8, 8)
+    with torch.no_grad():
+        free = model.eval()(x)
+        model.train().begin_training_step(y, 0.0)
+        assert torch.equal(model(x), free)
+    with pytest.raises(ValueError, match="sampling needs in_channels == out_channels"):
+        ConvLSTM(3, 2, 2, 1, sampling=ScheduledSampling())
+    with pytest.raises(ValueError, match="sampling.mode must be one of"):
+        ScheduledSampling(mode="teacher")
+    with pytest.raises(ValueError, match="sampling.reverse_start"):
+        ScheduledSampling(reverse_start=0.7, reverse_stop=0.6)
+
+
+def test_reverse_sampling_with_no_true_frames_ignores_later_inputs() -> None:
+    # encoder probability 0: after the first frame the encoder reads only its own predictions
+    model = _sampling_model(ConvLSTM, "reverse")
+    x = torch.randn(2, 3, 1, 8, 8)
+    x2 = x.clone()
+    x2[:, 1:] += 1.0
+    with torch.no_grad():
+        a, b = model.stack.encode(x, 0.0), model.stack.encode(x2, 0.0)
+        assert torch.equal(a.z, b.z)
+        assert not torch.equal(model.stack.encode(x).z, model.stack.encode(x2).z)
+
+
+def test_forget_bias_is_added_unlike_openstl() -> None:
+    # OpenSTL's ConvLSTMCell defines _forget_bias = 1.0 and never adds it; ours adds it
+    # (documented in docs/backbones.md): with zero weights and state c = 1, c' = sigmoid(1)
+    cell = ConvLSTMCell(1, 2, 3)
+    for p in cell.parameters():
+        torch.nn.init.zeros_(p)
+    x = torch.zeros(1, 1, 4, 4)
+    with torch.no_grad():
+        out = cell(x, torch.zeros(1, 2, 4, 4), torch.ones(1, 2, 4, 4))
+    assert FORGET_BIAS == 1.0
+    torch.testing.assert_close(out.c, torch.full_like(out.c, torch.sigmoid(torch.tensor(1.0))))
+    openstl_c = torch.sigmoid(torch.tensor(0.0))  # what OpenSTL's cell would keep: 0.5
+    assert float(out.c.mean()) > float(openstl_c)

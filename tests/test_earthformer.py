@@ -31,6 +31,7 @@ from beamvq.nn.attention import (
     attention,
     grid_coords,
 )
+from beamvq.nn.moe import MoEConfig, MoEFeedForward
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "backbones"
 PAPER_COUNT = 8_200_661
@@ -286,6 +287,14 @@ def test_paper_preset_parameter_count() -> None:
     with_update = CuboidSelfAttention(256, 4, (13, 16, 16), pattern, True, True)
     without = CuboidSelfAttention(256, 4, (13, 16, 16), pattern, True, False)
     assert count_parameters(with_update) - count_parameters(without) == 459_008
+    # Built, the reference package counts 8,659,677: its decoder self-attention sizes the temporal
+    # bias table of the top level from the encoder's T_in = 13 (25 rows) while only T_out = 12
+    # steps attend (23 rows, ours): 2 unused rows x 4 heads.
+    reference_table = RelativePositionBias((13, 1, 1), 4)
+    ours_table = model.dec_self[0][0].attns[0].rel_bias
+    assert ours_table.table.shape == (23, 4)
+    assert count_parameters(reference_table) - count_parameters(ours_table) == 8
+    assert PAPER_COUNT + 459_008 + 8 == 8_659_677
 
     quick = yaml.safe_load((CONFIGS / "earthformer.yaml").read_text())["model"]["backbone"]
     assert quick["class_path"] == "beamvq.backbones.Earthformer"
@@ -372,3 +381,110 @@ def test_axial_position_embedding_mlp_and_drop_path() -> None:
     y = drop.train()(x)
     kept = y[:, 0] > 0
     assert 0 < int(kept.sum()) < 64 and torch.all(y[kept] == 2.0) and torch.all(y[~kept] == 0)
+
+
+# -- MoE off: the published block, bit for bit ---------------------------------------------------
+# Pinned from the code before the MoE option existed (commit a43737c): seed 0 weights, seed 1
+# input, eval forward. With ``moe=None`` the backbone must build the same parameters in the same
+# order (same state_dict, same initial values) and give the same outputs.
+EARTHFORMER_DENSE_PARAMS = 141285
+EARTHFORMER_DENSE_KEYS = 267
+EARTHFORMER_DENSE_SUM = -157.37894660420716
+EARTHFORMER_DENSE_VALUES = [
+    -0.0926213,
+    -0.3648413,
+    -0.4583787,
+    -0.2541842,
+    -0.6586756,
+    -0.3983286,
+    -0.1602345,
+    0.4418562,
+    -0.7144616,
+    0.0986509,
+    0.6862152,
+    -0.3094469,
+    -0.6511657,
+    0.6320385,
+    1.3249927,
+    -1.0637680,
+    -0.1971100,
+]  # y.flatten()[::61]
+
+
+def test_moe_off_is_the_dense_model_of_before() -> None:
+    torch.manual_seed(0)
+    model = Earthformer(
+        3,
+        2,
+        1,
+        1,
+        height=16,
+        width=16,
+        base_units=16,
+        num_heads=4,
+        stem_dims=[8, 16],
+        stem_downscales=[2, 1],
+    )
+    assert not any(isinstance(m, MoEFeedForward) for m in model.modules())
+    assert count_parameters(model) == EARTHFORMER_DENSE_PARAMS
+    assert len(model.state_dict()) == EARTHFORMER_DENSE_KEYS
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 1, 16, 16)
+    with torch.no_grad():
+        y = model.eval()(x)
+    assert float(y.double().sum()) == pytest.approx(EARTHFORMER_DENSE_SUM, abs=1e-3)
+    torch.testing.assert_close(
+        y.flatten()[::61], torch.tensor(EARTHFORMER_DENSE_VALUES), rtol=0, atol=1e-5
+    )
+    # a state_dict of the dense model loads into a freshly built dense model: same output
+    again = Earthformer(
+        3,
+        2,
+        1,
+        1,
+        height=16,
+        width=16,
+        base_units=16,
+        num_heads=4,
+        stem_dims=[8, 16],
+        stem_downscales=[2, 1],
+    )
+    again.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x), y)
+
+
+def test_moe_replaces_only_the_mlps() -> None:
+    torch.manual_seed(0)
+    dense = Earthformer(
+        3,
+        2,
+        1,
+        1,
+        height=16,
+        width=16,
+        base_units=16,
+        num_heads=4,
+        stem_dims=[8, 16],
+        stem_downscales=[2, 1],
+    )
+    moe = Earthformer(
+        3,
+        2,
+        1,
+        1,
+        height=16,
+        width=16,
+        base_units=16,
+        num_heads=4,
+        stem_dims=[8, 16],
+        stem_downscales=[2, 1],
+        moe=MoEConfig(),
+    )
+    dense_keys = {k for k in dense.state_dict() if ".mlp." not in k}
+    moe_keys = {k for k in moe.state_dict() if ".mlp." not in k}
+    assert dense_keys == moe_keys
+    layers = [m for m in moe.modules() if isinstance(m, MoEFeedForward)]
+    assert layers
+    mlps = [k for k in dense.state_dict() if ".mlp." in k]
+    assert len(mlps) == 4 * len(layers)  # two Linear layers (weight, bias) per dense MLP

@@ -12,6 +12,7 @@ import yaml
 
 from beamvq.backbones.base import count_parameters
 from beamvq.backbones.fourcastnet import FourCastNet
+from beamvq.nn.moe import MoEConfig, MoEFeedForward
 from beamvq.nn.spectral import AFNOMixing
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "backbones"
@@ -162,3 +163,114 @@ def test_presets() -> None:
         assert count_parameters(FourCastNet(**args)) == 62_347_008
         published_grid = {**args, "height": 720, "width": 1440}
         assert count_parameters(FourCastNet(**published_grid)) == 74_690_304
+
+
+# -- MoE off: the published block, bit for bit ---------------------------------------------------
+# Pinned from the code before the MoE option existed (commit a43737c): seed 0 weights, seed 1
+# input, eval forward. With ``moe=None`` the backbone must build the same parameters in the same
+# order (same state_dict, same initial values) and give the same outputs.
+FOURCASTNET_DENSE_PARAMS = 6576
+FOURCASTNET_DENSE_KEYS = 28
+FOURCASTNET_DENSE_SUM = -19.00713195875869
+FOURCASTNET_DENSE_VALUES = [
+    -0.0383106,
+    0.0165158,
+    0.0058688,
+    -0.3005597,
+    0.4581507,
+    0.2261470,
+    0.1616922,
+    -0.2855695,
+    0.0814495,
+    0.0234391,
+    -0.2407655,
+    0.1912751,
+    0.2401803,
+    -0.2261055,
+    -0.1532551,
+    -0.0946062,
+    0.2808006,
+]  # y.flatten()[::61]
+
+
+def test_moe_off_is_the_dense_model_of_before() -> None:
+    torch.manual_seed(0)
+    model = FourCastNet(
+        3,
+        2,
+        1,
+        1,
+        height=16,
+        width=16,
+        patch_size=4,
+        embed_dim=16,
+        depth=2,
+        encoder_depth=1,
+        num_blocks=4,
+    )
+    assert not any(isinstance(m, MoEFeedForward) for m in model.modules())
+    assert count_parameters(model) == FOURCASTNET_DENSE_PARAMS
+    assert len(model.state_dict()) == FOURCASTNET_DENSE_KEYS
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 1, 16, 16)
+    with torch.no_grad():
+        y = model.eval()(x)
+    assert float(y.double().sum()) == pytest.approx(FOURCASTNET_DENSE_SUM, abs=1e-3)
+    torch.testing.assert_close(
+        y.flatten()[::61], torch.tensor(FOURCASTNET_DENSE_VALUES), rtol=0, atol=1e-5
+    )
+    # a state_dict of the dense model loads into a freshly built dense model: same output
+    again = FourCastNet(
+        3,
+        2,
+        1,
+        1,
+        height=16,
+        width=16,
+        patch_size=4,
+        embed_dim=16,
+        depth=2,
+        encoder_depth=1,
+        num_blocks=4,
+    )
+    again.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x), y)
+
+
+def test_moe_replaces_only_the_mlps() -> None:
+    torch.manual_seed(0)
+    dense = FourCastNet(
+        3,
+        2,
+        1,
+        1,
+        height=16,
+        width=16,
+        patch_size=4,
+        embed_dim=16,
+        depth=2,
+        encoder_depth=1,
+        num_blocks=4,
+    )
+    moe = FourCastNet(
+        3,
+        2,
+        1,
+        1,
+        height=16,
+        width=16,
+        patch_size=4,
+        embed_dim=16,
+        depth=2,
+        encoder_depth=1,
+        num_blocks=4,
+        moe=MoEConfig(),
+    )
+    dense_keys = {k for k in dense.state_dict() if ".mlp." not in k}
+    moe_keys = {k for k in moe.state_dict() if ".mlp." not in k}
+    assert dense_keys == moe_keys
+    layers = [m for m in moe.modules() if isinstance(m, MoEFeedForward)]
+    assert layers
+    mlps = [k for k in dense.state_dict() if ".mlp." in k]
+    assert len(mlps) == 4 * len(layers)  # two Linear layers (weight, bias) per dense MLP

@@ -192,3 +192,32 @@ def test_errors() -> None:
         _tiny()(torch.randn(1, 3, 1, 10, 7))
     with pytest.raises(ValueError, match="same num_hidden"):
         PredRNN(3, 3, 1, 1, num_hidden=[8, 16])
+
+
+def test_sampling_option_from_yaml_as_the_cli_builds_it() -> None:
+    # LightningCLI builds model.backbone with jsonargparse's subclass arguments: the sampling
+    # dataclass reads as a nested mapping, and None (the default) keeps the free rollout
+    from jsonargparse import ArgumentParser
+
+    from beamvq.backbones.base import Backbone
+    from beamvq.nn.sampling import ScheduledSampling
+
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(Backbone, "backbone")
+    args = {"in_steps": 3, "out_steps": 2, "in_channels": 1, "out_channels": 1,
+            "num_hidden": [4, 4], "filter_size": 3, "patch_size": 2}  # fmt: skip
+    for sampling, expected in [(None, None), ({"mode": "reverse"}, "reverse")]:
+        cfg = parser.parse_object(
+            {
+                "backbone": {
+                    "class_path": "beamvq.backbones.PredRNN",
+                    "init_args": {**args, "sampling": sampling},
+                }
+            }  # fmt: skip
+        )
+        model = parser.instantiate_classes(cfg).backbone
+        assert isinstance(model, PredRNN)
+        if expected is None:
+            assert model.sampling is None
+        else:
+            assert model.sampling == ScheduledSampling(mode=expected)

@@ -3,13 +3,16 @@ encoder/decoder, T_in != T_out and the differential divergence regularization.""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from beamvq.backbones.base import count_parameters
 from beamvq.backbones.simvp import SimVPv2
-from beamvq.backbones.tau import TAU, tau_differential_divergence
+from beamvq.backbones.tau import DIFF_DIV_WEIGHT, TAU, tau_differential_divergence
 from beamvq.nn.simvp import GatedLargeKernelAttention, TemporalAttentionUnit, tau_block
 
 OPENSTL_TAU_MMNIST = 44.7e6  # OpenSTL model zoo, Moving MNIST 10 -> 10
@@ -122,3 +125,41 @@ def test_differential_divergence_has_gradient_and_checks_shapes() -> None:
         tau_differential_divergence(pred, target[:, :2])
     with pytest.raises(ValueError, match="tau"):
         tau_differential_divergence(target, target, tau=0.0)
+
+
+def test_differential_divergence_is_taus_default_training_term() -> None:
+    # OpenSTL's TAU method: loss = MSE + alpha * diff_div_reg, alpha = 0.1
+    assert DIFF_DIV_WEIGHT == 0.1
+    torch.manual_seed(0)
+    model = TAU(3, 4, 1, 1, hid_s=4, hid_t=16, n_s=2, n_t=2)
+    assert model.diff_div_weight == 0.1
+    x = torch.randn(2, 3, 1, 8, 8)
+    model.begin_training_step(torch.zeros(2, 4, 1, 8, 8), 0.0)
+    pred = model(x)
+    y = pred.detach() + 0.3 * torch.randn_like(pred)
+    extra = model.extra_loss(pred, y)
+    assert torch.equal(extra, 0.1 * tau_differential_divergence(pred, y))
+    # OpenSTL's formula (eps-clamped log ratio) agrees where no probability is below its eps
+    torch.testing.assert_close(extra, 0.1 * _openstl_diff_div_reg(pred, y, 0.1), rtol=1e-4, atol=0)
+    assert float(extra.detach()) > 0
+    # the module's loss with the hook: the regularizer's gradient reaches the backbone
+    (F.mse_loss(pred, y) + extra).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    # switchable; T <= 2 gives no term, as OpenSTL's `if T <= 2: return 0`
+    off = TAU(3, 4, 1, 1, hid_s=4, hid_t=16, n_s=2, n_t=2, diff_div_weight=0.0)
+    assert float(off.extra_loss(pred, y)) == 0.0
+    assert float(model.extra_loss(pred[:, :2], y[:, :2])) == 0.0
+    with pytest.raises(ValueError, match="diff_div_weight must be >= 0"):
+        TAU(3, 4, 1, 1, diff_div_weight=-1.0)
+    # SimVP-v2 trains with the MSE alone
+    simvp = SimVPv2(3, 4, 1, 1, hid_s=4, hid_t=16, n_s=2, n_t=2)
+    assert float(simvp.extra_loss(pred, y)) == 0.0
+
+
+def test_tau_yaml_configs_build_with_the_regularizer() -> None:
+    configs = Path(__file__).resolve().parents[1] / "configs" / "backbones"
+    for name in ("tau.yaml", "tau_paper.yaml"):
+        args = yaml.safe_load((configs / name).read_text())["model"]["backbone"]["init_args"]
+        with torch.device("meta"):
+            model = TAU(**args)
+        assert model.diff_div_weight == args.get("diff_div_weight", 0.1) == 0.1

@@ -21,6 +21,8 @@ from typing import Any, ClassVar, NamedTuple
 
 from torch import Tensor, nn
 
+from beamvq.nn.moe import begin_aux_collection, pop_aux_loss, pop_stats
+
 
 class Encoded(NamedTuple):
     """What ``encode`` returns: the latent to quantize and backbone-private extras."""
@@ -107,6 +109,37 @@ class Backbone(nn.Module, ABC):
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         return self.decode(self.translate(self.encode(x)))
+
+    # -- training hooks ----------------------------------------------------------------------
+    # The forecast module calls these around each training step; the defaults serve every
+    # backbone (they handle mixture-of-experts layers wherever a backbone has them, and do
+    # nothing otherwise). Order within a step: begin_training_step -> forward(s) -> extra_loss
+    # -> training_log_values.
+    def begin_training_step(self, target: Tensor, progress: float) -> None:
+        """Start of a training step, before its forward.
+
+        ``target``: the step's normalized ground truth ``(B, T, C_out, H, W)`` (``T`` may span
+        several rollout steps; a backbone reads its first ``out_steps`` frames). ``progress``:
+        the share of training done, in ``[0, 1]`` (scheduled sampling follows it). What a
+        backbone keeps from here is consumed by its next forward in training mode only.
+        The default starts collecting the MoE layers' load-balancing losses.
+        """
+        begin_aux_collection(self)
+
+    def extra_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        """Backbone-specific training-loss term, added to the MSE by the module.
+
+        ``pred``, ``target``: the step's normalized prediction and ground truth, both
+        ``(B, T, C_out, H, W)``. The default is the MoE load-balancing loss of the forwards since
+        :meth:`begin_training_step` (a zero scalar without MoE layers).
+        """
+        return pop_aux_loss(self, pred)
+
+    def training_log_values(self) -> dict[str, Tensor]:
+        """Scalars to log after a training step (``moe/*`` routing statistics by default:
+        per-expert token share, recycled and dropped shares); empty without MoE layers."""
+        stats = pop_stats(self)
+        return {} if stats is None else stats.log_values()
 
 
 def divisible_grid_error(name: str, height: int, width: int, factor: int, why: str) -> ValueError:

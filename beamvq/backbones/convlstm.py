@@ -19,8 +19,13 @@ The encode / translate / decode split (shared with PredRNN through ``PatchRecurr
   output frame ``k``. So ``z`` shapes every output frame, and no future frame is ever an input.
   This is OpenSTL's rollout with its true-frame mask at zero (its test-time behaviour).
 
-Teacher forcing / scheduled sampling is not implemented: training and evaluation run the same
-free rollout. Differences from OpenSTL's cell (no dead ``conv_o``/``conv_last`` weights, forget
+Training can use PredRNN's scheduled sampling or PredRNN-V2's reverse scheduled sampling
+(``sampling``, :mod:`beamvq.nn.sampling`; off by default, so training runs the free rollout as
+evaluation always does). It needs the true frames and the training progress, which the module
+hands over through the backbone hook ``begin_training_step(target, progress)``; the next
+training-mode ``encode`` (reverse sampling) and ``decode`` (scheduled sampling) use them, then
+they are dropped, so only the first rollout step of a training step is teacher-forced and
+candidate decodes run free. Differences from OpenSTL's cell (no dead ``conv_o``/``conv_last`` weights, forget
 bias 1.0 actually added, grid-free layer norm) are listed in ``beamvq/nn/recurrent.py``.
 """
 
@@ -32,16 +37,51 @@ from torch import Tensor
 
 from beamvq.backbones.base import Backbone, Encoded, divisible_grid_error
 from beamvq.nn.recurrent import ConvLSTMStack, PatchRecurrentStack
+from beamvq.nn.sampling import ScheduledSampling, Teacher, true_frame_probabilities
 
 
 class PatchRecurrentBackbone(Backbone):
     """Backbone contract over a ``PatchRecurrentStack`` (shared by ConvLSTM and PredRNN).
 
-    Subclasses call ``super().__init__(in_steps, out_steps, in_channels, out_channels)`` and then
-    set ``self.stack``; ``latent_dim`` is the top layer's width.
+    Subclasses call ``super().__init__(in_steps, out_steps, in_channels, out_channels)``, then
+    ``self.set_sampling(sampling)`` and set ``self.stack``; ``latent_dim`` is the top layer's
+    width.
     """
 
     stack: PatchRecurrentStack
+    sampling: ScheduledSampling | None = None
+    _teacher: Teacher | None = None
+
+    def set_sampling(self, sampling: ScheduledSampling | None) -> None:
+        """Validate and keep the (reverse) scheduled-sampling option (``None``: off)."""
+        if sampling is not None and self.in_channels != self.out_channels:
+            raise ValueError(
+                f"{type(self).__name__}: sampling needs in_channels == out_channels (a true or "
+                f"predicted frame replaces an input frame); got {self.in_channels} and "
+                f"{self.out_channels}"
+            )
+        self.sampling = sampling
+        self._teacher = None
+
+    def begin_training_step(self, target: Tensor, progress: float) -> None:
+        """Keep the first ``out_steps`` true frames and the schedule at ``progress`` for the
+        next training forward (see the module docstring)."""
+        super().begin_training_step(target, progress)
+        if self.sampling is None:
+            return
+        if target.shape[1] < self.out_steps:
+            raise ValueError(
+                f"{type(self).__name__}.begin_training_step: target has {target.shape[1]} "
+                f"frames, scheduled sampling needs out_steps={self.out_steps}"
+            )
+        probs = true_frame_probabilities(self.sampling, progress)
+        self._teacher = Teacher(target[:, : self.out_steps].detach(), probs)
+
+    def _active_teacher(self, batch: int) -> Teacher | None:
+        teacher = self._teacher
+        if not self.training or teacher is None or teacher.frames.shape[0] != batch:
+            return None
+        return teacher
 
     @property
     def latent_dim(self) -> int:
@@ -60,12 +100,20 @@ class PatchRecurrentBackbone(Backbone):
 
     def encode(self, x: Tensor) -> Encoded:
         """``(B, T_in, C_in, H, W)`` -> ``z`` = top hidden state after the last input frame."""
-        enc = self.stack.encode(x)
+        teacher = self._active_teacher(x.shape[0])
+        enc = self.stack.encode(x, 1.0 if teacher is None else teacher.probs.encoder)
         return Encoded(z=enc.z, extras=enc.extras)
 
     def decode(self, enc: Encoded) -> Tensor:
-        """Free rollout of ``out_steps`` frames from ``z``, ``(B, T_out, C_out, H, W)``."""
-        return self.stack.decode(enc.z, enc.extras, self.out_steps)
+        """Rollout of ``out_steps`` frames from ``z``, ``(B, T_out, C_out, H, W)``: free, or
+        scheduled-sampled once after ``begin_training_step`` in training."""
+        teacher = self._active_teacher(enc.z.shape[0])
+        if teacher is None:
+            return self.stack.decode(enc.z, enc.extras, self.out_steps)
+        self._teacher = None  # consumed: later rollout steps and candidate decodes run free
+        return self.stack.decode(
+            enc.z, enc.extras, self.out_steps, teacher.frames, teacher.probs.decoder
+        )
 
 
 class ConvLSTM(PatchRecurrentBackbone):
@@ -77,6 +125,8 @@ class ConvLSTM(PatchRecurrentBackbone):
         filter_size: odd kernel size of the gate convolutions.
         patch_size: side of the space-to-depth patches; H and W must be multiples of it.
         layer_norm: normalize each gate convolution over (C, H, W) per sample.
+        sampling: (reverse) scheduled sampling in training (:mod:`beamvq.nn.sampling`);
+            ``None`` (default): the free rollout.
     """
 
     def __init__(
@@ -89,8 +139,10 @@ class ConvLSTM(PatchRecurrentBackbone):
         filter_size: int = 5,
         patch_size: int = 4,
         layer_norm: bool = False,
+        sampling: ScheduledSampling | None = None,
     ) -> None:
         super().__init__(in_steps, out_steps, in_channels, out_channels)
+        self.set_sampling(sampling)
         self.stack = ConvLSTMStack(
             in_channels, out_channels, out_steps, num_hidden, filter_size, patch_size, layer_norm
         )

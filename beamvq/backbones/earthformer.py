@@ -63,6 +63,8 @@ Choices the paper/reference leave open or that we make differently:
 - Cross-attention's relative time offset is the true one between a future step ``T_in + t`` and
   a past step ``t'``; the reference indexes both from 0. The table has the reference's size
   ``2 (T_in + T_out) - 1`` either way.
+- Option (not in the paper): ``moe`` turns every FFN into Hunyuan-Large's mixture of experts
+  (arXiv 2411.02265; :mod:`beamvq.nn.moe`) at equal active parameters.
 - Not implemented (off in the SEVIR configuration): an FFN on the global vectors, global
   vectors in the decoder's self-attention, hierarchical decoder position embeddings, gated FFN,
   gradient checkpointing.
@@ -72,7 +74,8 @@ Choices the paper/reference leave open or that we make differently:
 
 Parameter count at the paper's SEVIR preset (``configs/backbones/earthformer_paper.yaml``):
 8,200,661. The reference architecture counts 459,008 more (8,659,669): the unused top-level
-global update described above.
+global update described above. The reference package, built at that configuration, reports
+8,659,677 (see ``docs/backbones.md`` for the 8-parameter difference).
 """
 
 from __future__ import annotations
@@ -98,6 +101,7 @@ from beamvq.nn.attention import (
     merge_heads,
     split_heads,
 )
+from beamvq.nn.moe import MoEConfig, MoEFeedForward, number_moe_layers
 
 Size3 = tuple[int, int, int]
 
@@ -417,12 +421,20 @@ class CuboidCrossAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Pre-norm residual GELU FFN with hidden width ``4 * dim`` (reference PositionwiseFFN)."""
+    """Pre-norm residual GELU FFN with hidden width ``4 * dim`` (reference PositionwiseFFN).
 
-    def __init__(self, dim: int, dropout: float = 0.0) -> None:
+    ``moe``: the MLP becomes a shared + top-1 mixture of experts (:mod:`beamvq.nn.moe`) with the
+    same active parameters; ``None`` builds the dense MLP exactly as before.
+    """
+
+    def __init__(self, dim: int, dropout: float = 0.0, moe: MoEConfig | None = None) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, 4 * dim, dropout=dropout)
+        self.mlp: nn.Module = (
+            Mlp(dim, 4 * dim, dropout=dropout)
+            if moe is None
+            else MoEFeedForward(dim, 4 * dim, moe, dropout=dropout)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.mlp(self.norm(x))
@@ -432,7 +444,8 @@ class CuboidSelfAttentionBlock(nn.Module):
     """For each cuboid pattern: cuboid self-attention (residual) then an FFN.
 
     Patterns with a one-token cuboid and no global vectors are skipped (see module docstring).
-    ``update_global_last=False`` builds the last layer without the global-vector update.
+    ``update_global_last=False`` builds the last layer without the global-vector update;
+    ``moe`` makes every FFN a mixture of experts.
     """
 
     def __init__(
@@ -446,6 +459,7 @@ class CuboidSelfAttentionBlock(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         ffn_drop: float = 0.0,
+        moe: MoEConfig | None = None,
     ) -> None:
         super().__init__()
         kept = [p for p in patterns if use_global or math.prod(p.size) > 1]
@@ -462,7 +476,7 @@ class CuboidSelfAttentionBlock(nn.Module):
             )
             for i, p in enumerate(kept)
         )
-        self.ffns = nn.ModuleList(FeedForward(dim, ffn_drop) for _ in kept)
+        self.ffns = nn.ModuleList(FeedForward(dim, ffn_drop, moe) for _ in kept)
 
     def forward(self, x: Tensor, global_vectors: Tensor | None = None) -> TokensAndGlobals:
         for attn, ffn in zip(self.attns, self.ffns):
@@ -477,10 +491,16 @@ class CuboidSelfAttentionBlock(nn.Module):
 class CuboidCrossAttentionBlock(nn.Module):
     """Cuboid cross-attention (residual) then an FFN (reference StackCuboidCrossAttentionBlock)."""
 
-    def __init__(self, dim: int, ffn_drop: float, attention_layer: CuboidCrossAttention) -> None:
+    def __init__(
+        self,
+        dim: int,
+        ffn_drop: float,
+        attention_layer: CuboidCrossAttention,
+        moe: MoEConfig | None = None,
+    ) -> None:
         super().__init__()
         self.attn = attention_layer
-        self.ffn = FeedForward(dim, ffn_drop)
+        self.ffn = FeedForward(dim, ffn_drop, moe)
 
     def forward(self, x: Tensor, memory: Tensor, global_vectors: Tensor | None = None) -> Tensor:
         return self.ffn(x + self.attn(x, memory, global_vectors))
@@ -616,6 +636,9 @@ class Earthformer(Backbone):
             vectors.
         attn_drop, proj_drop, ffn_drop: dropout on attention probabilities, after attention
             projections, and in the FFNs (0.1 each in the paper's SEVIR run).
+        moe: every FFN becomes a mixture of experts (Hunyuan-Large's shared expert + top-1
+            specialized experts with recycle routing; :class:`~beamvq.nn.moe.MoEConfig`);
+            ``None`` (default) is the published dense FFN.
     """
 
     grid_args = ("height", "width")  # built for one grid (learned position embeddings)
@@ -645,6 +668,7 @@ class Earthformer(Backbone):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         ffn_drop: float = 0.0,
+        moe: MoEConfig | None = None,
     ) -> None:
         super().__init__(in_steps, out_steps, in_channels, out_channels)
         name = type(self).__name__
@@ -707,7 +731,7 @@ class Earthformer(Backbone):
                 )
             return [resolve_pattern(extents, *args) for args in zip(sizes, shifts, strategies)]
 
-        drops = {"attn_drop": attn_drop, "proj_drop": proj_drop, "ffn_drop": ffn_drop}
+        drops = {"attn_drop": attn_drop, "proj_drop": proj_drop, "ffn_drop": ffn_drop, "moe": moe}
 
         # Stem and encoder.
         self.stem = Stem(in_channels, stem_dims, stem_downscales, stem_convs)
@@ -776,6 +800,7 @@ class Earthformer(Backbone):
                             attn_drop,
                             proj_drop,
                         ),
+                        moe,
                     )
                     for _ in range(dec_depth[i])
                 )
@@ -787,6 +812,7 @@ class Earthformer(Backbone):
         self.head = nn.Linear(stem_dims[0], out_channels)
         for module in self.modules():
             _init_weights(module)
+        number_moe_layers(self)
 
     # -- contract ---------------------------------------------------------------------------
     def check_grid(self, height: int, width: int) -> None:

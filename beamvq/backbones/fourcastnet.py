@@ -17,6 +17,9 @@ linear layers and the positional embedding, as in the reference. The reference's
 ``self.norm`` is never used in its forward, so it is left out (it would be an unused parameter).
 Dropout and drop-path are 0 in the published configuration and are not offered.
 
+Option (not in the paper): ``moe`` turns every block's MLP into Hunyuan-Large's mixture of
+experts (arXiv 2411.02265; :mod:`beamvq.nn.moe`) at equal active parameters.
+
 Where the latent sits: ``encode`` = patch embedding + positional embedding + the first
 ``encoder_depth`` AFNO blocks; ``z = (B, embed_dim, H/p, W/p)``, the token grid, channel-first.
 ``translate`` is the identity; ``decode`` = the remaining blocks + head.
@@ -32,11 +35,16 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from beamvq.backbones.base import Backbone, Encoded, divisible_grid_error
+from beamvq.nn.moe import MoEConfig, MoEFeedForward, number_moe_layers
 from beamvq.nn.spectral import AFNOMixing
 
 
 class AFNOBlock(nn.Module):
-    """``x + h + AFNO(h)`` with ``h = LN(x)``, then ``x + MLP(LN(x))`` on ``(B, h, w, C)`` tokens."""
+    """``x + h + AFNO(h)`` with ``h = LN(x)``, then ``x + MLP(LN(x))`` on ``(B, h, w, C)`` tokens.
+
+    ``moe``: replace the MLP by a shared + top-1 mixture of experts (:mod:`beamvq.nn.moe`) with
+    the same active parameters; ``None`` builds the dense MLP exactly as before.
+    """
 
     def __init__(
         self,
@@ -45,13 +53,18 @@ class AFNOBlock(nn.Module):
         mlp_ratio: float,
         sparsity_threshold: float,
         hard_thresholding_fraction: float,
+        moe: MoEConfig | None = None,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.mixing = AFNOMixing(dim, num_blocks, sparsity_threshold, hard_thresholding_fraction)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.mlp: nn.Module = (
+            nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+            if moe is None
+            else MoEFeedForward(dim, hidden, moe)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.norm1(x)
@@ -74,6 +87,9 @@ class FourCastNet(Backbone):
         mlp_ratio: hidden width of each block's MLP over ``embed_dim`` (4).
         sparsity_threshold: soft-shrinkage λ of AFNO (0.01).
         hard_thresholding_fraction: fraction of Fourier modes AFNO keeps per axis (1.0).
+        moe: every block's MLP becomes a mixture of experts (Hunyuan-Large's shared expert +
+            top-1 specialized experts with recycle routing; :class:`~beamvq.nn.moe.MoEConfig`);
+            ``None`` (default) is the published dense MLP.
     """
 
     grid_args = ("height", "width")  # built for one grid (learned position embeddings)
@@ -94,6 +110,7 @@ class FourCastNet(Backbone):
         mlp_ratio: float = 4.0,
         sparsity_threshold: float = 0.01,
         hard_thresholding_fraction: float = 1.0,
+        moe: MoEConfig | None = None,
     ) -> None:
         super().__init__(in_steps, out_steps, in_channels, out_channels)
         if patch_size < 1 or embed_dim < 1 or depth < 1 or mlp_ratio <= 0:
@@ -121,13 +138,19 @@ class FourCastNet(Backbone):
         self.pos_embed = nn.Parameter(torch.zeros(1, tokens_h, tokens_w, embed_dim))
         self.blocks = nn.ModuleList(
             AFNOBlock(
-                embed_dim, num_blocks, mlp_ratio, sparsity_threshold, hard_thresholding_fraction
+                embed_dim,
+                num_blocks,
+                mlp_ratio,
+                sparsity_threshold,
+                hard_thresholding_fraction,
+                moe,
             )
             for _ in range(depth)
         )
         self.head = nn.Linear(embed_dim, out_steps * out_channels * patch_size**2, bias=False)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.apply(self._init_weights)
+        number_moe_layers(self)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

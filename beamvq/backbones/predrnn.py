@@ -15,8 +15,9 @@ The encode / translate / decode split is the one of ``beamvq.backbones.convlstm`
 holds the lower layers' ``h``, every layer's ``C``, and ``m`` (the top layer's ``M`` after the
 last input frame, which the bottom layer reads at the first decoding step); ``decode`` reads
 frame 1 out of ``z`` and feeds each prediction back as the next input, never a future frame.
-The PredRNN-V2 additions (memory decoupling loss, reverse scheduled sampling) are not part of
-PredRNN and are not implemented; neither is scheduled sampling.
+Training can use PredRNN's scheduled sampling or PredRNN-V2's reverse scheduled sampling
+(``sampling``, off by default; see ``beamvq.backbones.convlstm`` and :mod:`beamvq.nn.sampling`).
+PredRNN-V2's memory decoupling loss is not implemented.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import Sequence
 
 from beamvq.backbones.convlstm import PatchRecurrentBackbone
 from beamvq.nn.recurrent import SpatioTemporalLSTMStack
+from beamvq.nn.sampling import ScheduledSampling
 
 
 class PredRNN(PatchRecurrentBackbone):
@@ -37,6 +39,8 @@ class PredRNN(PatchRecurrentBackbone):
         filter_size: odd kernel size of the gate convolutions.
         patch_size: side of the space-to-depth patches; H and W must be multiples of it.
         layer_norm: normalize each gate convolution over (C, H, W) per sample.
+        sampling: (reverse) scheduled sampling in training (:mod:`beamvq.nn.sampling`);
+            ``None`` (default): the free rollout.
     """
 
     def __init__(
@@ -49,8 +53,10 @@ class PredRNN(PatchRecurrentBackbone):
         filter_size: int = 5,
         patch_size: int = 4,
         layer_norm: bool = False,
+        sampling: ScheduledSampling | None = None,
     ) -> None:
         super().__init__(in_steps, out_steps, in_channels, out_channels)
+        self.set_sampling(sampling)
         self.stack = SpatioTemporalLSTMStack(
             in_channels, out_channels, out_steps, num_hidden, filter_size, patch_size, layer_norm
         )

@@ -11,11 +11,16 @@ channels (:func:`beamvq.nn.simvp.tau_block`). Everything else, including the con
 (``z = (B, hid_s, T_in, h, w)``, the skip in ``extras``), the ``T_out != T_in`` handling and the
 grid rule, is inherited from :class:`~beamvq.backbones.simvp.SimVPv2`.
 
-The paper's differential divergence regularization is :func:`tau_differential_divergence`, a
-pure loss function the training module may add to the MSE (OpenSTL weights it by ``alpha=0.1``).
+The paper's differential divergence regularization is :func:`tau_differential_divergence`. TAU
+trains with it by default, at OpenSTL's weight ``alpha = 0.1`` (``openstl/methods/tau.py``:
+``loss = MSE + alpha * diff_div_reg``): :meth:`TAU.extra_loss`, the backbone hook the training
+module adds to its loss, returns ``diff_div_weight`` times it (``diff_div_weight=0`` switches it
+off, which is SimVP's objective with TAU's translator).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch.nn.functional as F
 from einops import rearrange
@@ -24,12 +29,62 @@ from torch import Tensor
 from beamvq.backbones.simvp import SimVPv2
 from beamvq.nn.simvp import BlockFactory, tau_block
 
+#: OpenSTL's weight of the differential divergence term (``alpha`` in ``openstl/methods/tau.py``).
+DIFF_DIV_WEIGHT: float = 0.1
+
 
 class TAU(SimVPv2):
-    """SimVP with Temporal Attention Unit blocks in the translator (same arguments as
-    :class:`~beamvq.backbones.simvp.SimVPv2`)."""
+    """SimVP with Temporal Attention Unit blocks in the translator.
+
+    Args: those of :class:`~beamvq.backbones.simvp.SimVPv2`, plus
+        diff_div_weight: weight of the differential divergence regularization in the training
+            loss (:meth:`extra_loss`); 0.1 as OpenSTL, 0 turns it off.
+    """
 
     block: BlockFactory = staticmethod(tau_block)
+
+    def __init__(
+        self,
+        in_steps: int,
+        out_steps: int,
+        in_channels: int,
+        out_channels: int,
+        hid_s: int = 16,
+        hid_t: int = 64,
+        n_s: int = 4,
+        n_t: int = 2,
+        spatio_kernel_enc: int = 3,
+        spatio_kernel_dec: int = 3,
+        mlp_ratio: float = 8.0,
+        drop_path: float = 0.0,
+        diff_div_weight: float = DIFF_DIV_WEIGHT,
+    ) -> None:
+        super().__init__(
+            in_steps,
+            out_steps,
+            in_channels,
+            out_channels,
+            hid_s,
+            hid_t,
+            n_s,
+            n_t,
+            spatio_kernel_enc,
+            spatio_kernel_dec,
+            mlp_ratio,
+            drop_path,
+        )
+        if not (diff_div_weight >= 0 and math.isfinite(diff_div_weight)):
+            raise ValueError(f"TAU: diff_div_weight must be >= 0, got {diff_div_weight}")
+        self.diff_div_weight = float(diff_div_weight)
+
+    def extra_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        """The base hook's term plus ``diff_div_weight ×`` the differential divergence of the
+        prediction against the target over all their frames (none for ``T <= 2``, as OpenSTL)."""
+        loss = super().extra_loss(pred, target)
+        # OpenSTL's diff_div_reg returns 0 for T <= 2 (a single frame difference); so do we here
+        if self.diff_div_weight == 0 or pred.shape[1] <= 2:
+            return loss
+        return loss + self.diff_div_weight * tau_differential_divergence(pred, target)
 
 
 def tau_differential_divergence(pred: Tensor, target: Tensor, tau: float = 0.1) -> Tensor:
@@ -65,4 +120,4 @@ def tau_differential_divergence(pred: Tensor, target: Tensor, tau: float = 0.1) 
     return (log_p.exp() * (log_p - log_q)).mean()
 
 
-__all__ = ["TAU", "tau_differential_divergence"]
+__all__ = ["DIFF_DIV_WEIGHT", "TAU", "tau_differential_divergence"]

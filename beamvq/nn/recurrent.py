@@ -36,7 +36,9 @@ stack over the ``T_in`` input frames and returns the top layer's hidden state af
 input frame as ``z``, the rest of the recurrent state as ``extras``; ``decode`` puts ``z`` back
 as the top hidden state, reads frame 1 out of it, and rolls the stack forward feeding each
 prediction back as the next input. This is OpenSTL's schedule without teacher forcing: the
-forecast never sees a future frame.
+forecast never sees a future frame. In training, (reverse) scheduled sampling
+(:mod:`beamvq.nn.sampling`) may replace inputs by true frames (decoder) or by the model's own
+predictions (encoder); evaluation always runs the free rollout.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ from typing import NamedTuple
 import torch
 from einops import rearrange
 from torch import Tensor, nn
+
+from beamvq.nn.sampling import mix_frames
 
 # The constant added to the forget gates' pre-activation (Gers et al. 2000; OpenSTL's ST-LSTM).
 FORGET_BIAS: float = 1.0
@@ -236,17 +240,37 @@ class PatchRecurrentStack(nn.Module, ABC):
     def step(self, frame: Tensor, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """One time step of the whole stack on a patch frame ``(B, C p^2, h, w)``."""
 
-    def encode(self, x: Tensor) -> RecurrentEncoding:
-        """``(B, T_in, C_in, H, W)`` -> ``z`` (top hidden state after the last frame), the rest."""
+    def encode(self, x: Tensor, true_prob: float = 1.0) -> RecurrentEncoding:
+        """``(B, T_in, C_in, H, W)`` -> ``z`` (top hidden state after the last frame), the rest.
+
+        ``true_prob < 1`` (reverse scheduled sampling, training only): each input frame after
+        the first is, per sample, the true one with that probability and otherwise the
+        readout of the previous step (the model's prediction of it).
+        """
         frames = patchify(x, self.patch_size)
         state = self.zero_state(frames[:, 0])
         for t in range(frames.shape[1]):
-            state = self.step(frames[:, t], state)
+            frame = frames[:, t]
+            if t > 0 and true_prob < 1.0:
+                frame = mix_frames(frame, self.readout(state[self.top_key]), true_prob)
+            state = self.step(frame, state)
         z = state.pop(self.top_key)
         return RecurrentEncoding(z=z, extras=state)
 
-    def decode(self, z: Tensor, extras: dict[str, Tensor], steps: int) -> Tensor:
-        """Free rollout of ``steps`` frames from ``z``: ``(B, steps, C_out, H, W)``."""
+    def decode(
+        self,
+        z: Tensor,
+        extras: dict[str, Tensor],
+        steps: int,
+        teacher: Tensor | None = None,
+        true_prob: float = 0.0,
+    ) -> Tensor:
+        """Rollout of ``steps`` frames from ``z``: ``(B, steps, C_out, H, W)``.
+
+        Free by default. With ``teacher`` (the true frames ``(B, >= steps - 1, C_out, H, W)``,
+        scheduled sampling in training), the input after output frame ``k`` is, per sample, the
+        true frame ``k`` with probability ``true_prob`` and the prediction otherwise.
+        """
         if (
             steps > 1
             and self.feedback is None
@@ -264,6 +288,9 @@ class PatchRecurrentStack(nn.Module, ABC):
             if k == steps - 1:
                 break
             next_input = frames[-1] if self.feedback is None else self.feedback(top)
+            if teacher is not None:
+                true = patchify(teacher[:, k], self.patch_size)
+                next_input = mix_frames(true, next_input, true_prob)
             state = self.step(next_input, state)
         return unpatchify(torch.stack(frames, dim=1), self.patch_size)
 
