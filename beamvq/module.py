@@ -277,6 +277,11 @@ class ForecastModule(pl.LightningModule):
             cand = (weight * cand_per_sample).sum() / weight.sum()
             total = total + self.loss_config.candidate_weight * cand
             parts["candidate_mse"] = cand.detach()
+        if train:
+            # backbone-specific terms (MoE load balancing, TAU's differential divergence)
+            extra = self.model.backbone.extra_loss(out.y, target)
+            total = total + extra
+            parts["backbone_extra"] = extra.detach()
         if train and out.indices is not None:
             stats = VQBottleneck.usage(out.indices, self.model.bottleneck.codebook_size)
             parts["perplexity"] = stats.perplexity
@@ -294,6 +299,8 @@ class ForecastModule(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         saved = self.guard.start_batch(self.model)
+        progress = optim.training_progress(self.trainer)
+        self.model.backbone.begin_training_step(self.normalize(batch.y), progress)
         loss = self.compute_loss(
             self.normalize(batch.x), self.normalize(batch.y), batch.weight, True
         )
@@ -306,6 +313,8 @@ class ForecastModule(pl.LightningModule):
         for name, value in loss.parts.items():
             group = "codebook" if name in ("perplexity", "codes_used") else "train"
             self.log(f"{group}/{name}", value, batch_size=bs)
+        for name, value in self.model.backbone.training_log_values().items():
+            self.log(name, value, batch_size=bs)
         return loss.total
 
     def _eval_step(self, batch: Any, metrics: SplitMetrics, prefix: str) -> StepOutput:
@@ -387,8 +396,12 @@ class ForecastModule(pl.LightningModule):
         rescale = (
             optim.surge_rule(self.lr_schedule, self.trainer) if self.lr_schedule.surge else None
         )
+        experts = optim.expert_groups(self.model, self.trainer, self.lr_schedule.b_noise)
         opt = optim.build_optimizer(
-            self.optimizer_factory, self.named_parameters(), self.param_group_rules, rescale
+            self.optimizer_factory,
+            self.named_parameters(),
+            experts + self.param_group_rules,
+            rescale,
         )
         if self.lr_schedule.scheduler == "none":
             return opt

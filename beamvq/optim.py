@@ -35,6 +35,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from beamvq.nn.moe import MoEFeedForward, expert_lr_ratio
 from beamvq.tuning import resolve_learning_rate
 
 __all__ = [
@@ -42,6 +43,9 @@ __all__ = [
     "ParamGroup",
     "build_optimizer",
     "build_scheduler",
+    "expert_groups",
+    "global_batch_size",
+    "training_progress",
     "param_groups",
     "surge_rule",
 ]
@@ -146,6 +150,38 @@ def param_groups(
     return out, scales
 
 
+def global_batch_size(trainer: Any) -> int:
+    """Samples per optimizer step: per-device batch × devices × gradient accumulation."""
+    dm = trainer.datamodule
+    if dm is None or not hasattr(dm, "batch_size"):
+        raise ValueError("the learning-rate rules need a datamodule with a batch_size")
+    return int(dm.batch_size) * trainer.world_size * trainer.accumulate_grad_batches
+
+
+def expert_groups(model: nn.Module, trainer: Any, b_noise: float | None) -> list[ParamGroup]:
+    """Expert-specific learning rates (Hunyuan-Large, arXiv 2411.02265): the specialized experts
+    of each mixture-of-experts layer of ``model`` in a group of their own, at
+    ``beamvq.nn.moe.expert_lr_ratio`` × the dense rate for the global batch; none without MoE."""
+    layers = [
+        (n, m) for n, m in model.named_modules(prefix="model") if isinstance(m, MoEFeedForward)
+    ]
+    if not layers:
+        return []
+    batch = global_batch_size(trainer)
+    return [
+        ParamGroup(f"{name}.experts.*", lr_scale=expert_lr_ratio(layer.config, batch, b_noise))
+        for name, layer in layers
+    ]
+
+
+def training_progress(trainer: Any) -> float:
+    """Share of the fit done, in [0, 1] (what scheduled sampling follows); 0 when unknown."""
+    total = trainer.estimated_stepping_batches
+    if not (isinstance(total, (int, float)) and math.isfinite(total) and total > 0):
+        return 0.0
+    return min(1.0, float(trainer.global_step) / float(total))
+
+
 def surge_rule(schedule: LRSchedule, trainer: Any) -> Callable[[float], float]:
     """The Surge rule for ``trainer``'s global batch (per-device batch × devices × accumulation):
     the tuned rate at ``schedule.reference_batch_size`` -> the rate to train with."""
@@ -154,7 +190,7 @@ def surge_rule(schedule: LRSchedule, trainer: Any) -> Callable[[float], float]:
         raise ValueError(
             "model.lr_schedule.reference_batch_size needs a datamodule with a batch_size"
         )
-    global_batch = int(dm.batch_size) * trainer.world_size * trainer.accumulate_grad_batches
+    global_batch = global_batch_size(trainer)
     ref, b_noise = schedule.reference_batch_size, schedule.b_noise
     return lambda lr: resolve_learning_rate(global_batch, ref, lr, b_noise)
 

@@ -284,6 +284,7 @@ def fit_two_steps(c: Check, strategy: Any) -> tuple[int | None, int, float]:
     import pytorch_lightning as pl
 
     from beamvq.module import ForecastModule
+    from beamvq.optim import LRSchedule
     from beamvq.protocols import Batch
 
     grid = sizes(c, (16, 16), (64, 128))
@@ -291,7 +292,11 @@ def fit_two_steps(c: Check, strategy: Any) -> tuple[int | None, int, float]:
                   {"embed_dim": 1024, "depth": 12, "patch_size": 8})  # fmt: skip
     torch.manual_seed(0)
     backbone = FourCastNet(2, 1, 4, 4, height=grid[0], width=grid[1], encoder_depth=1, **width)
-    module = ForecastModule(backbone, lr=1e-4, scheduler="none")
+    module = ForecastModule(
+        backbone,
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.0),
+        lr_schedule=LRSchedule(scheduler="none"),
+    )
     items = [Batch(torch.randn(2, 4, *grid), torch.randn(1, 4, *grid), torch.tensor(1.0),
                    torch.tensor(i)) for i in range(8)]  # fmt: skip
     loader = torch.utils.data.DataLoader(items, batch_size=sizes(c, 2, 8))

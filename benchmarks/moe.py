@@ -78,7 +78,7 @@ def common_args(p: Protocol, data: Path, backbone_cfg: Path, seed: int) -> list[
         "--trainer.logger", "false",
         "--trainer.enable_progress_bar", "false",
         "--data.init_args.path", str(data),
-        "--data.init_args.batch_size", str(p.batch_size),
+        "--data.init_args.loader.batch_size", str(p.batch_size),
         f"{gen}.n_trajectories", str(p.trajectories),
         f"{gen}.resolution", str(p.grid),
         f"{gen}.n_frames", str(p.frames),
