@@ -7,7 +7,7 @@ out; a row it could not measure says why):
    bf16-autocast step, on a Linear-heavy FourCastNet (embed 1024, MLP hidden 4096: a size where
    FP8 pays). Where real FP8 is not available the product's simulated recipe runs and the row
    says so.
-2. ``offload``: activation offload at alpha = 0.5 (``QuantPrecision(offload_alpha=0.5)``, MEMO)
+2. ``offload``: activation offload at alpha = 0.5 (``QuantPrecision(QuantConfig(offload_alpha=0.5))``, MEMO)
    against none on the quickstart SimVP-v2: saved activations left on the device, peak device
    memory of a step (CUDA) and step time.
 3. ``mfu``: bf16 model-FLOPs utilization of the attention backbones (Earthformer, FourCastNet) at
@@ -188,14 +188,14 @@ def part_fp8(c: Check) -> None:
 
 
 def part_offload(c: Check) -> None:
-    from beamvq.quant import QuantPrecision
+    from beamvq.quant import QuantConfig, QuantPrecision
 
     grid, n = sizes(c, ((32, 32), 2), ((64, 64), 32))
     out: dict[str, tuple[float, int, int | None]] = {}
     for label, alpha in (("none", None), ("alpha=0.5", 0.5)):
         torch.manual_seed(0)
         model, _ = build("simvp", "quickstart", grid, c.device)
-        plugin = QuantPrecision(backend="none", offload_alpha=alpha)
+        plugin = QuantPrecision(QuantConfig(backend="none", offload_alpha=alpha))
         plugin.device = c.device
         plugin.convert_module(model)
         x, y = batch_for(model, grid, n, c.device)
