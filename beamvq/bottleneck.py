@@ -20,6 +20,7 @@ would run the k-means initialisation on first use) and only reads the codes.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -63,6 +64,12 @@ class VQBottleneck(nn.Module):
             moved by the offset between its i-th and its nearest code, so candidate 0 is the plain
             forecast and the code bank only shapes the alternatives. The code bank still trains
             (EMA, commitment); pair it with a small ``commitment_weight`` (about 0.02).
+        offset_scale: with ``forecast_path="continuous"``, candidate i is
+            ``z + offset_scale · (e_i − e_0)``: the spread of the K alternatives around the plain
+            forecast (1: the code bank's own spacing). Ours, for calibration (docs/beamvq.md).
+        learn_offset_scale: train ``offset_scale`` (as a log-scale parameter) with the loss, e.g.
+            the ensemble CRPS of the candidates (``model.loss.candidate_loss: crps``), so the
+            alternatives spread as far as the forecast errs.
     """
 
     def __init__(
@@ -76,13 +83,30 @@ class VQBottleneck(nn.Module):
         kmeans_iters: int = 10,
         threshold_ema_dead_code: float = 2.0,
         forecast_path: str = "quantized",
+        offset_scale: float = 1.0,
+        learn_offset_scale: bool = False,
     ) -> None:
         super().__init__()
         if forecast_path not in ("quantized", "continuous"):
             raise ValueError(
                 f"VQBottleneck: forecast_path must be 'quantized' or 'continuous', got {forecast_path!r}"
             )
+        if not (offset_scale > 0 and math.isfinite(offset_scale)):
+            raise ValueError(
+                f"model.bottleneck.init_args.offset_scale must be a positive number, got {offset_scale}"
+            )
+        if (offset_scale != 1.0 or learn_offset_scale) and forecast_path != "continuous":
+            raise ValueError(
+                "model.bottleneck.init_args.offset_scale / learn_offset_scale move the candidates "
+                "around the continuous latent: they need forecast_path: continuous"
+            )
         self.forecast_path = forecast_path
+        log_scale = torch.tensor(math.log(offset_scale))
+        if learn_offset_scale:
+            self.log_offset_scale = nn.Parameter(log_scale)
+        else:
+            # not persistent: checkpoints of a fixed scale look as they did before the option
+            self.register_buffer("log_offset_scale", log_scale, persistent=False)
         if dim < 1 or codebook_size < 2:
             raise ValueError(
                 f"VQBottleneck: dim must be >= 1 and codebook_size >= 2, got dim={dim}, "
@@ -173,8 +197,19 @@ class VQBottleneck(nn.Module):
         b, d, *spatial = z.shape
         cands = rearrange(codes, "b n k d -> b k d n").reshape(b, k, d, *spatial)
         if self.forecast_path == "continuous":
-            return z.unsqueeze(1) + (cands - cands[:, :1])
-        return cands
+            # exp(log 1) is exactly 1: the default leaves the candidates as they were
+            scale = self.log_offset_scale.exp().to(cands.dtype)
+            return z.unsqueeze(1) + scale * (cands - cands[:, :1])
+        if not (self.training and torch.is_grad_enabled()):
+            return cands
+        # training: straight-through, as the authors' code (the values are the codes up to
+        # rounding; a loss on the candidates reaches the encoder through z)
+        return z.unsqueeze(1) + (cands - z.unsqueeze(1)).detach()
+
+    @property
+    def offset_scale(self) -> float:
+        """The current spread factor of the continuous-path candidates."""
+        return float(self.log_offset_scale.detach().exp())
 
     def _check_k(self, k: int) -> int:
         if not 1 <= k <= self.codebook_size:

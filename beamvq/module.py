@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytorch_lightning as pl
@@ -36,6 +35,8 @@ from beamvq.checkpointing import CKPT_KEY, check_checkpoint, check_data, restore
 from beamvq.ensemble import EnsembleConfig, fit_scorer
 from beamvq.evaluation import SplitMetrics
 from beamvq.faults import FaultConfig, FaultGuard, FaultSite
+from beamvq.init_weights import load_weights
+from beamvq.losses import Loss, LossConfig, candidate_term
 from beamvq.model import VQForecaster
 from beamvq.normalization import Normalizer, legacy_keys_pre_hook, upgrade_legacy_keys
 from beamvq.optim import LRSchedule, ParamGroup
@@ -43,38 +44,6 @@ from beamvq.protocols import Members
 from beamvq.selftrain import SearchConfig, search_members
 
 __all__ = ["ForecastModule", "Loss", "LossConfig", "Prediction", "StepOutput"]
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """``model.loss``: what the training loss is made of.
-
-    Args:
-        rollout: ``"full"`` (MSE over the whole rollout) or ``"first"`` (first step only; the
-            rollout is still used for evaluation).
-        candidate_weight: weight of the mean MSE of the ``candidate_k`` code-bank candidates
-            against the target (0 turns the term off; needs a bottleneck).
-    """
-
-    rollout: Literal["full", "first"] = "full"
-    candidate_weight: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.rollout not in ("full", "first"):
-            raise ValueError(f"model.loss.rollout must be 'full' or 'first', got {self.rollout!r}")
-        if not self.candidate_weight >= 0:
-            raise ValueError(
-                f"model.loss.candidate_weight must be >= 0, got {self.candidate_weight}"
-            )
-
-
-class Loss(NamedTuple):
-    """``compute_loss``'s result: the scalar loss, its parts to log (detached), and the
-    normalized prediction ``(B, T, C, H, W)``."""
-
-    total: Tensor
-    parts: dict[str, Tensor]
-    pred: Tensor
 
 
 class StepOutput(NamedTuple):
@@ -113,6 +82,9 @@ class ForecastModule(pl.LightningModule):
         csi_thresholds: thresholds (physical units) for CSI/POD/SUCR/BIAS in validate/test.
         ensemble: ``EnsembleConfig``, the members ``predict`` writes and ``test`` scores.
         faults: ``FaultConfig``, what a NaN/Inf in training does (``beamvq.faults``).
+        init_from: a checkpoint whose weights (and normalization) a new fit starts from, e.g.
+            BeamVQ's stage 3 fine-tuning the stage-1 base (checked like any checkpoint; the
+            optimizer, epochs and pool start afresh; ``--ckpt_path`` resumes instead).
     """
 
     def __init__(
@@ -128,6 +100,7 @@ class ForecastModule(pl.LightningModule):
         csi_thresholds: list[float] | None = None,
         ensemble: EnsembleConfig = EnsembleConfig(),
         faults: FaultConfig = FaultConfig(),
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         if rollout_steps < 1 or candidate_k < 1:
@@ -157,6 +130,7 @@ class ForecastModule(pl.LightningModule):
         self.val_metrics = SplitMetrics(horizon, thresholds)
         self.test_metrics = SplitMetrics(horizon, thresholds, ensemble.members)
         self._scorer_fitted = False
+        self._initialized = False
         # lat-lon grids: latitudes (degrees) and the training climatology, set in setup; kept
         # in the checkpoint so predict/test weigh the same way
         self.register_buffer("lat_deg", torch.empty(0))
@@ -185,6 +159,10 @@ class ForecastModule(pl.LightningModule):
         if lat is not None and self.lat_deg.numel() == 0:
             self.lat_deg = torch.as_tensor(np.asarray(lat), dtype=torch.float32)
             self.climatology = torch.as_tensor(np.asarray(dm.climatology), dtype=torch.float32)
+        if stage == "fit" and self.hparams.init_from and not self._initialized:
+            # before Lightning restores a --ckpt_path: a resumed fit keeps its own weights
+            load_weights(self, self.hparams.init_from, self._trainer)
+            self._initialized = True
         if stage in ("test", "predict") and not self._scorer_fitted:
             self._scorer_fitted = fit_scorer(self.ensemble_config.scorer, dm)
 
@@ -270,13 +248,14 @@ class ForecastModule(pl.LightningModule):
         mse = (weight * per_sample).sum() / weight.sum()
         total = mse + out.aux_loss
         parts = {"mse_norm": mse.detach(), "commitment": out.aux_loss.detach()}
-        if train and self.loss_config.candidate_weight > 0:
-            t_out = self.model.backbone.out_steps
-            cands = self.model.candidates(x, self.candidate_k)
-            cand_per_sample = ((cands - y[:, None, :t_out]) ** 2).flatten(2).mean(2).mean(1)
-            cand = (weight * cand_per_sample).sum() / weight.sum()
-            total = total + self.loss_config.candidate_weight * cand
-            parts["candidate_mse"] = cand.detach()
+        cfg = self.loss_config
+        if train and cfg.candidate_weight > 0:
+            cand = candidate_term(self.model, x, y, weight, cfg, self.candidate_k, steps)
+            total = total + cfg.candidate_weight * cand
+            parts[f"candidate_{cfg.candidate_loss}"] = cand.detach()
+            bn = self.model.bottleneck
+            if isinstance(bn.log_offset_scale, torch.nn.Parameter):
+                parts["offset_scale"] = bn.log_offset_scale.detach().exp()
         if train:
             # backbone-specific terms (MoE load balancing, TAU's differential divergence)
             extra = self.model.backbone.extra_loss(out.y, target)

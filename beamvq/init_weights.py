@@ -1,0 +1,101 @@
+"""Start a fit from another run's weights: BeamVQ's stages as the papers run them.
+
+BeamVQ (arXiv 2502.18925) trains the base forecaster first (stage 1), then turns it into a
+K-candidate model and self-trains it (stages 2-3). ``ForecastModule(init_from=...)`` starts a
+new fit from a stage-1 checkpoint: its weights and normalization statistics are loaded, while
+the optimizer, the learning-rate schedule, the epoch count and the augmented pool start afresh
+(``--ckpt_path`` would resume the old fit instead). The checkpoint may lack the bottleneck (a
+base model fine-tuned with a code bank: the code bank then starts fresh, k-means-initialised on
+the first training batch); every other weight must be there with its shape, and the backbone,
+steps, channels and data must be those of this run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from beamvq.checkpointing import data_identity, model_identity, weight_differences
+from beamvq.normalization import upgrade_legacy_keys
+
+log = logging.getLogger(__name__)
+
+# parts of the model a stage-1 checkpoint may lack: they start as this run builds them
+FRESH_PREFIXES = ("model.bottleneck.",)
+# identity keys that describe those parts
+FRESH_IDENTITY = ("bottleneck", "codebook_shape")
+
+
+def read_checkpoint(path: str) -> Mapping[str, Any]:
+    """The checkpoint at ``path`` (safe loading only), or one message naming the file."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"model.init_from: checkpoint file not found: {path}")
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises EOFError, UnpicklingError, RuntimeError, ...
+        raise ValueError(
+            f"model.init_from: {path} is not a readable beamvq checkpoint ({type(err).__name__})"
+        ) from None
+    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
+        raise ValueError(
+            f"model.init_from: {path} holds no state_dict (not a Lightning checkpoint)"
+        )
+    return checkpoint
+
+
+def init_problems(
+    checkpoint: Mapping[str, Any], module: pl.LightningModule, trainer: pl.Trainer | None
+) -> list[str]:
+    """Every way the checkpoint's weights cannot start ``module`` (empty: they can)."""
+    saved = dict(checkpoint["state_dict"])
+    upgrade_legacy_keys(saved)
+    mine = module.state_dict()
+    problems = weight_differences(saved, mine, strict=False)
+    missing = [k for k in mine if k not in saved and not k.startswith(FRESH_PREFIXES)]
+    unexpected = [k for k in saved if k not in mine]
+    if missing:
+        problems.append(f"weights missing from the checkpoint: {missing[:5]} ({len(missing)})")
+    if unexpected:
+        problems.append(f"weights this model does not have: {unexpected[:5]} ({len(unexpected)})")
+    extra = checkpoint.get("beamvq") or {}
+    saved_id, my_id = extra.get("model") or {}, model_identity(module.model)
+    for key, value in my_id.items():
+        if key in saved_id and key not in FRESH_IDENTITY and saved_id[key] != value:
+            problems.append(f"{key}: checkpoint {saved_id[key]}, this model {value}")
+    dm = trainer.datamodule if trainer is not None else None
+    saved_data = extra.get("data") or {}
+    if dm is not None and saved_data:
+        mine_data = data_identity(dm)
+        for key in ("variables", "grid"):
+            if key in saved_data and key in mine_data and saved_data[key] != mine_data[key]:
+                problems.append(
+                    f"data {key}: checkpoint {saved_data[key]}, this data {mine_data[key]}"
+                )
+    return problems
+
+
+def load_weights(module: pl.LightningModule, path: str, trainer: pl.Trainer | None) -> None:
+    """Load ``path``'s weights into ``module`` (see the module docstring), or raise naming what
+    does not fit."""
+    checkpoint = read_checkpoint(path)
+    problems = init_problems(checkpoint, module, trainer)
+    if problems:
+        raise ValueError(
+            f"model.init_from {path} cannot start this model:\n  - " + "\n  - ".join(problems)
+        )
+    saved = dict(checkpoint["state_dict"])
+    upgrade_legacy_keys(saved)
+    result = module.load_state_dict(saved, strict=False)
+    fresh = sorted({k.split(".")[1] for k in result.missing_keys if k.count(".") >= 1})
+    log.info(
+        "initialized from %s (%d tensors)%s",
+        path,
+        len(saved),
+        f"; fresh: {', '.join(fresh)}" if fresh else "",
+    )
