@@ -47,8 +47,11 @@ StepFn = Callable[[Tensor], Tensor]
 
 # where a pool sample's input came from (Pool.add's source_kind is an index into this tuple):
 # a training window (source_index: its index in the train split), an unlabelled input with no
-# recorded future (source_index: the id ForecastData.unlabelled_inputs gave it)
-SOURCE_KINDS = ("window", "unlabelled")
+# recorded future (source_index: the id ForecastData.unlabelled_inputs gave it), a pushforward
+# input made by the model whose target is the recorded future of training window source_index,
+# a validation input (source_index: its validation window; the authors' protocol, which leaks
+# validation data into training and is refused unless asked for by name)
+SOURCE_KINDS = ("window", "unlabelled", "pushforward", "validation")
 
 
 class Batch(NamedTuple):
@@ -199,6 +202,16 @@ class ForecastData(Protocol):
     ) -> UnlabelledInputs: ...
 
     def window_info(self, split: str, indices: np.ndarray) -> WindowInfo: ...
+
+    def successor_windows(self, index: Tensor, shift: int) -> Tensor:
+        """For training windows ``index``: the training window of the same sample that starts
+        ``shift`` frames later, or -1 where there is none."""
+        ...
+
+    def validation_inputs(self, max_inputs: int | None = None, seed: Any = 0) -> UnlabelledInputs:
+        """Inputs of validation windows (ids: their window indices): only for the authors'
+        protocol, which leaks validation data into training."""
+        ...
 
 
 class Members(NamedTuple):

@@ -119,6 +119,17 @@ class SplitConfig:
         test_period: the same for the test split.
         seed: seed of the trajectory shuffle before splitting.
         predict_split: the split whose windows ``predict`` forecasts.
+        train_samples: labelled training samples: the first N samples of the training split in
+            its seeded shuffle order (a random subset, the same for every N' > N up to N); None
+            keeps them all. For data-scarcity studies: validation and test stay the same, and
+            the statistics come from these N only. Sample (trajectory) splits only.
+        unlabelled_samples: the next M training samples after ``train_samples`` give unlabelled
+            inputs (``in_steps`` frames at every window start; their futures are never read)
+            for BeamVQ's reference-free search. They never enter the statistics.
+        unlabelled_path: NetCDF file(s) (a path, glob or list) of further unlabelled inputs with
+            the same variables and grid: every admissible ``in_steps``-frame start is an input.
+        future_free_tail: also offer the training trajectories' last inputs, whose future is not
+            recorded (frames the training windows already hold), as unlabelled inputs.
     """
 
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
@@ -127,6 +138,10 @@ class SplitConfig:
     test_period: tuple[str, str] | None = None
     seed: int = 0
     predict_split: str = "test"
+    train_samples: int | None = None
+    unlabelled_samples: int = 0
+    unlabelled_path: str | list[str] | None = None
+    future_free_tail: bool = True
 
     def __post_init__(self) -> None:
         fr = self.fractions
@@ -147,6 +162,24 @@ class SplitConfig:
             key = f"{split}_period"
             _set(self, key, _pair(f"splits.{key}", getattr(self, key), str))
         _set(self, "seed", int(self.seed))
+        if self.train_samples is not None and int(self.train_samples) < 1:
+            raise ValueError(
+                f"data.splits.train_samples must be >= 1 or null, got {self.train_samples}"
+            )
+        if int(self.unlabelled_samples) < 0:
+            raise ValueError(
+                f"data.splits.unlabelled_samples must be >= 0, got {self.unlabelled_samples}"
+            )
+        if self.by_date and (self.train_samples is not None or self.unlabelled_samples):
+            raise ValueError(
+                "data.splits.train_samples and data.splits.unlabelled_samples pick samples "
+                "(trajectories) of a sample split; they do not apply to date splits"
+            )
+
+    @property
+    def subsets_samples(self) -> bool:
+        """Whether the training split is cut into labelled and unlabelled samples."""
+        return self.train_samples is not None or int(self.unlabelled_samples) > 0
 
     @property
     def periods(self) -> dict[str, tuple[str, str] | None]:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
+import torch
 import xarray as xr
 from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
@@ -47,13 +48,9 @@ from beamvq.datamodules.pool import AugmentedPool
 from beamvq.datamodules.prepared import PreparedData, prepare
 from beamvq.datamodules.reading import FrameStats, read_into
 from beamvq.datamodules.scan import Layout, files_label, resolve_paths, scan_layout
-from beamvq.datamodules.splits import SplitPlan
-from beamvq.datamodules.windows import (
-    collate_windows,
-    future_free_inputs,
-    pick_windows,
-    window_targets,
-)
+from beamvq.datamodules.splits import SplitPlan, successor_index
+from beamvq.datamodules.unlabelled import InputSource, draw_inputs, unlabelled_sources
+from beamvq.datamodules.windows import collate_windows, pick_windows, window_targets
 from beamvq.protocols import DataInfo, Normalization, UnlabelledInputs, WindowInfo, Windows
 
 log = logging.getLogger(__name__)
@@ -140,6 +137,7 @@ class NetCDFDataModule(pl.LightningDataModule):
         self._layout: Layout | None = None
         self._prepared: PreparedData | None = None
         self._climatology: np.ndarray | None = None
+        self._sources: list[InputSource] | None = None
         self.normalization: Normalization | None = None
         self.latitude: np.ndarray | None = None
         self.coords: dict[str, xr.DataArray] = {}
@@ -352,15 +350,38 @@ class NetCDFDataModule(pl.LightningDataModule):
         return window_targets(self.dataset("train"), index)
 
     def unlabelled_inputs(self, max_inputs: int | None = None, seed: Any = 0) -> UnlabelledInputs:
-        """Physical inputs ``(N, in_steps, C, H, W)`` of the training split with no recorded future.
-
-        Per training sample, the inputs that start after its last window and end within that
-        window's frames (``future_free_starts``): only frames the training windows already hold,
-        never validation or test data. A random subset of ``max_inputs`` (``seed``: anything
-        ``numpy.random.default_rng`` takes), in time order; an input's id is its position in the
+        """Physical inputs ``(N, in_steps, C, H, W)`` whose future is never read, never from
+        validation or test data (``beamvq.datamodules.unlabelled``): the training trajectories'
+        tail (``splits.future_free_tail``), the split's unlabelled samples
+        (``splits.unlabelled_samples``) and the files of ``splits.unlabelled_path``, in that
+        order. A random subset of ``max_inputs`` (``seed``: anything
+        ``numpy.random.default_rng`` takes), in list order; an input's id is its position in the
         full list, the same in every epoch. Reference-free scorers search these.
         """
-        return future_free_inputs(self.dataset("train"), max_inputs, seed)
+        return draw_inputs(self._unlabelled_sources(), max_inputs, seed)
+
+    def _unlabelled_sources(self) -> list[InputSource]:
+        if self._sources is None:
+            p = self.prepared()
+            unlabelled = self.dataset("unlabelled") if "unlabelled" in p.plan.starts else None
+            self._sources = unlabelled_sources(
+                self.dataset("train"), unlabelled, p, self.splits, self.selection, self.dims,
+                self.variables,
+            )  # fmt: skip
+        return self._sources
+
+    def successor_windows(self, index: Tensor, shift: int) -> Tensor:
+        """For training windows ``index``: the training window of the same sample starting
+        ``shift`` frames later, or -1 where there is none (pushforward targets)."""
+        starts = self.plan.starts["train"]
+        idx = np.asarray(index.cpu(), dtype=np.int64).reshape(-1)
+        return torch.from_numpy(successor_index(starts, idx, int(shift)))
+
+    def validation_inputs(self, max_inputs: int | None = None, seed: Any = 0) -> UnlabelledInputs:
+        """Inputs of (a random subset of) validation windows, ids their window indices: only for
+        the authors' protocol, which leaks validation data into training."""
+        picked = pick_windows(self.dataset("val"), max_inputs, seed)
+        return UnlabelledInputs(picked.index, picked.x)
 
     # -- loaders -----------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:

@@ -120,7 +120,27 @@ def sample_blocks(
             f"data.splits.fractions={splits.fractions}; the train split would be empty"
         )
     parts = np.split(order, np.cumsum(counts)[:-1])
-    return {split: Block(np.sort(part), 0, n_times) for split, part in zip(SPLITS, parts)}
+    blocks = {split: Block(np.sort(part), 0, n_times) for split, part in zip(SPLITS, parts)}
+    if splits.subsets_samples:
+        blocks.update(labelled_blocks(parts[0], n_times, splits, label))
+    return blocks
+
+
+def labelled_blocks(train: np.ndarray, n_times: int, splits: SplitConfig, label: str) -> dict:
+    """The training split's first ``train_samples`` samples (in shuffle order) as ``train`` and
+    the next ``unlabelled_samples`` as ``unlabelled`` (inputs only)."""
+    n = len(train) if splits.train_samples is None else int(splits.train_samples)
+    m = int(splits.unlabelled_samples)
+    if n + m > len(train):
+        raise ValueError(
+            f"{label}: data.splits.train_samples={splits.train_samples} + "
+            f"data.splits.unlabelled_samples={m} exceed the {len(train)} samples of the training "
+            "split"
+        )
+    return {
+        "train": Block(np.sort(train[:n]), 0, n_times),
+        "unlabelled": Block(np.sort(train[n : n + m]), 0, n_times),
+    }
 
 
 def time_blocks(n_times: int, splits: SplitConfig) -> dict:
@@ -160,6 +180,11 @@ def plan_splits(
         np.concatenate([[0], np.cumsum(~ok_pair)]),
         np.concatenate([np.zeros((n_s, 1), np.int64), np.cumsum(nan_frame, axis=1)], axis=1),
     )
+    if splits.subsets_samples and n_s < 2:
+        raise ValueError(
+            f"{data.label}: data.splits.train_samples / unlabelled_samples pick samples along "
+            f"{data.sample_dim!r}, but the data are one series"
+        )
     if splits.by_date:
         blocks = period_blocks(data.time, n_s, splits, data.label)
     elif n_s > 1:
@@ -180,6 +205,13 @@ def plan_splits(
             if splits.by_date:
                 where += f" (data.splits.{split}_period={splits.periods[split]})"
             raise ValueError(empty_split_message(where, block, ok_pair, nan_frame, windows, step))
+    if "unlabelled" in blocks:
+        # inputs only: every admissible start of in_steps frames (their futures are not read)
+        block = blocks["unlabelled"]
+        plan.samples["unlabelled"] = block.samples
+        plan.starts["unlabelled"] = window_starts(
+            block, windows.in_steps, windows.stride, admissible
+        )
     return plan
 
 
@@ -220,6 +252,14 @@ def empty_split_message(
             "use data.quality.nan_policy='fill' or clean the file"
         )
     return f"{where} has {n} time steps but no complete window: {need}; {fix}"
+
+
+def successor_index(starts: np.ndarray, index: np.ndarray, shift: int) -> np.ndarray:
+    """For windows ``index`` of a split with starts ``(N, 2)`` of ``(sample, t0)``: the index of
+    the window of the same sample that starts ``shift`` frames later, or -1 where there is none."""
+    lookup = {(int(s), int(t)): i for i, (s, t) in enumerate(np.asarray(starts).tolist())}
+    out = [lookup.get((int(starts[i, 0]), int(starts[i, 1]) + shift), -1) for i in index]
+    return np.asarray(out, dtype=np.int64)
 
 
 def future_free_starts(starts: np.ndarray, target_steps: int) -> np.ndarray:
