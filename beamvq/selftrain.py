@@ -37,9 +37,12 @@ from beamvq.protocols import Members, StepFn
 
 __all__ = [
     "ForecastFn",
+    "PushforwardResult",
     "calls_needed",
     "SearchConfig",
     "SelfTrainResult",
+    "plain_labels",
+    "pushforward_step",
     "search_members",
     "self_train_step",
 ]
@@ -218,6 +221,74 @@ def self_train_step(
         if on_chunk is not None:
             on_chunk(1)
     return SelfTrainResult(*(torch.cat(parts) for parts in zip(*outs)))
+
+
+class PushforwardResult(NamedTuple):
+    """Pushforward inputs for N inputs, physical: ``inputs (N, top_k, T_in, C, H, W)``, each input
+    advanced by the first ``T_out`` frames of one of its ``top_k`` best trajectories (the model's
+    own states), and those trajectories' search ``scores (N, top_k)``."""
+
+    inputs: Tensor
+    scores: Tensor
+
+
+def advance(x: Tensor, frames: Tensor) -> Tensor:
+    """The last ``T_in`` frames of ``x (N, T_in, ...)`` followed by each member's ``frames
+    (N, M, T, ...)``: ``(N, M, T_in, ...)``."""
+    t_in = x.shape[1]
+    lead = x.unsqueeze(1).expand(-1, frames.shape[1], *x.shape[1:])
+    return torch.cat([lead, frames], dim=2)[:, :, -t_in:]
+
+
+def pushforward_step(
+    x: Tensor,
+    step_fn: StepFn,
+    scorer: Scorer,
+    config: SearchConfig,
+    reference: Tensor | None = None,
+    to_physical: Callable[[Tensor], Tensor] | None = None,
+    chunk: int | None = None,
+    on_chunk: Callable[[int], object] | None = None,
+) -> PushforwardResult:
+    """The search's choice of the model's own states as new inputs (pushforward; Stochastic
+    PushForward, arXiv 2508.18565, builds such a set of model-generated inputs with true targets
+    between epochs; Brandstetter et al. 2022 train on them so errors do not compound).
+
+    Per input ``x (N, T_in, C, H, W)`` (model space): the beam search of ``self_train_step``
+    keeps its ``config.top_k`` best trajectories by ``scorer`` (against ``reference``, physical),
+    and each trajectory's first forecast step advances the input by ``T_out`` frames. Paired with
+    the recorded future of the window that starts ``T_out`` frames later, each is a training
+    sample whose input the model made and whose target is true.
+    """
+    phys = to_physical or _identity
+    steps = _steps(config)
+    inputs, scores = [], []
+    for part in _chunks(x.shape[0], chunk):
+        ref = None if reference is None else reference[part]
+        res = search.beam_search(
+            step_fn, x[part], scorer, steps, config.beam_width, config.top_k,
+            reference=ref, to_physical=phys, accumulate=config.accumulate,
+        )  # fmt: skip
+        t_out = res.trajectories.shape[2] // steps
+        inputs.append(phys(advance(x[part], res.trajectories[:, :, :t_out])))
+        scores.append(res.scores)
+        if on_chunk is not None:
+            on_chunk(1)
+    return PushforwardResult(torch.cat(inputs), torch.cat(scores))
+
+
+def plain_labels(
+    x: Tensor,
+    forecast: ForecastFn,
+    steps: int,
+    to_physical: Callable[[Tensor], Tensor] | None = None,
+    chunk: int | None = None,
+) -> Tensor:
+    """The plain forecasts ``(N, steps × T_out, C, H, W)`` (physical) of inputs ``x`` (model
+    space) as pseudo-labels, unfiltered: the authors' protocol, which labels held-out inputs this
+    way (no search, no ensemble, no metric filter)."""
+    phys = to_physical or _identity
+    return torch.cat([phys(forecast(x[part], steps)) for part in _chunks(x.shape[0], chunk)])
 
 
 def search_members(

@@ -83,6 +83,7 @@ from beamvq.backbones import REGISTRY, backbone_class
 from beamvq.backbones.base import Backbone
 from beamvq.bottleneck import VQBottleneck
 from beamvq.callbacks.beam_search import BeamSearchAugmentation
+from beamvq.callbacks.search_inputs import SearchInputs
 from beamvq.datamodules.config import LoaderConfig, PoolConfig, SplitConfig, WindowConfig
 from beamvq.datamodules.netcdf import NetCDFDataModule
 from beamvq.datamodules.storm import StormGenerator
@@ -254,7 +255,7 @@ def make_callback(dataset: str, p: Protocol, seed: int) -> BeamSearchAugmentatio
         scorer=make_scorer(dataset, p),
         every_n_epochs=p.every_n_epochs,
         start_epoch=p.start_epoch,
-        max_windows=p.max_windows,
+        inputs=SearchInputs(windows=p.max_windows, unlabelled=p.unlabelled_windows),
         search=SearchConfig(
             beam_width=p.beam_width,
             top_k=p.top_k,
@@ -262,7 +263,6 @@ def make_callback(dataset: str, p: Protocol, seed: int) -> BeamSearchAugmentatio
             temperature=p.temperature,
             only_improving=p.only_improving,
         ),
-        unlabelled_windows=p.unlabelled_windows,
         unlabelled_scorer=free,
         search_batch_size=16,
         seed=seed,

@@ -12,10 +12,19 @@ are ``beamvq.metrics``, the augmented pool (capped, checkpointed) belongs to the
   it) nor when the trainer is stopping. The search runs after the epoch's validation and before
   a checkpoint saved at the epoch's end (Lightning runs checkpoint callbacks last), so that
   checkpoint holds the pool the next epoch trains on.
-- What: ``max_windows`` training windows drawn afresh each epoch (seeded by ``seed`` and the
-  epoch, so a resumed run draws the same ones) through ``ForecastData.training_windows`` only,
-  never validation or test data; optionally ``unlabelled_windows`` inputs with no recorded
-  future (``ForecastData.unlabelled_inputs``), which need a reference-free scorer.
+- What (``inputs``, ``SearchInputs``): ``windows`` training windows drawn afresh each epoch
+  (seeded by ``seed`` and the epoch, so a resumed run draws the same ones) through
+  ``ForecastData.training_windows`` only, never validation or test data; optionally
+  ``unlabelled`` inputs whose future is never read (``ForecastData.unlabelled_inputs``: new
+  trajectories or files of inputs), which need a reference-free scorer; and, only for
+  reproducing the authors' protocol, ``validation`` inputs labelled by the plain forecast
+  (refused unless ``allow_validation_leak``; the pool marks them, so reports can say so).
+- Targets of the training windows (``target``): ``"pseudo"`` (the papers: the self-ensemble of
+  the best trajectories, scored against the window's truth — self-distillation, since that
+  truth is also the training target) or ``"pushforward"`` (ours, after Stochastic PushForward,
+  arXiv 2508.18565): each of the ``top_k`` best trajectories advances the input by one forecast
+  step, and the pair (that model-made input, the recorded future of the window starting one
+  step later) joins the pool with a true target.
 - How: the module in eval mode under ``no_grad`` (the EMA code bank must not move; train mode is
   restored afterwards); each rank searches its share and the shares are gathered in one global
   order, so every DDP rank adds the same samples in the same order. The pool stores physical
@@ -27,13 +36,15 @@ Logged each search epoch: ``augment/num_added``, ``augment/num_accepted``, ``aug
 ``augment/score_gain`` (mean over searched samples of ensemble score - plain forecast score),
 ``augment/search_seconds``, ``augment/train_seconds`` (the epoch's wall time without
 validation) and ``augment/search_to_train`` (their ratio); ``history`` keeps them per epoch.
+``beamvq.callbacks.pool_signal.PoolSignalShare`` logs how much of the training signal the pool
+gets.
 """
 
 from __future__ import annotations
 
 import time
 from functools import partial
-from typing import NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import pytorch_lightning as pl
 import torch
@@ -42,14 +53,22 @@ from torch import Tensor
 
 from beamvq.callbacks.checks import require
 from beamvq.callbacks.progress import search_progress
+from beamvq.callbacks.search_inputs import TARGETS, SearchInputs, check_arguments
 from beamvq.callbacks.tables import EpochRecord
 from beamvq.datamodules.io import write_netcdf
 from beamvq.distributed import map_sharded
 from beamvq.metrics import Scorer
 from beamvq.protocols import SOURCE_KINDS, ForecastData, SearchableModel, UnlabelledInputs
-from beamvq.selftrain import SearchConfig, SelfTrainResult, calls_needed, self_train_step
+from beamvq.selftrain import (
+    SearchConfig,
+    SelfTrainResult,
+    calls_needed,
+    plain_labels,
+    pushforward_step,
+    self_train_step,
+)
 
-__all__ = ["Accepted", "BeamSearchAugmentation", "EpochRecord"]
+__all__ = ["Accepted", "BeamSearchAugmentation", "EpochRecord", "SearchInputs"]
 WHO = "BeamSearchAugmentation"
 
 
@@ -69,30 +88,14 @@ class Accepted(NamedTuple):
 
 
 class _Job(NamedTuple):
-    """One kind of input to search: physical inputs, targets (``None``: unlabelled), source ids
-    and kind (``SOURCE_KINDS``) and the scorer."""
+    """One kind of input to search: physical inputs, targets (``None``: unlabelled), source ids,
+    how its rows are made (``pseudo``, ``pushforward``, ``plain``) and the scorer."""
 
     x: Tensor
     y: Tensor | None
     ids: Tensor
-    kind: str
+    how: str
     scorer: Scorer
-
-
-def _check_arguments(values: dict[str, int | None], scorer: Scorer, windows: int) -> None:
-    """Bad arguments, named by their YAML keys, before any work."""
-    low = {"every_n_epochs": 1, "start_epoch": 0, "unlabelled_windows": 0}
-    for name, value in values.items():
-        if name in low and int(value or 0) < low[name]:
-            raise ValueError(f"{WHO}: {name} must be >= {low[name]}, got {value}")
-        if name not in low and value is not None and int(value) < 1:
-            raise ValueError(f"{WHO}: {name} must be >= 1 or None, got {value}")
-    if windows > 0 and scorer.requires_reference:
-        raise ValueError(
-            f"{WHO}: unlabelled_windows > 0 needs a reference-free scorer (the inputs have no "
-            f"recorded future), but {type(scorer).__name__} needs one: set unlabelled_scorer "
-            "(e.g. SpectrumScorer, TKEScorer)"
-        )
 
 
 class BeamSearchAugmentation(pl.Callback):
@@ -105,8 +108,11 @@ class BeamSearchAugmentation(pl.Callback):
         search: how to search, combine and filter (``beamvq.selftrain.SearchConfig``).
         every_n_epochs: search every n-th epoch from ``start_epoch`` on.
         start_epoch: first epoch (0-based) whose end runs a search: the base model trains first.
-        max_windows: training windows searched per epoch (``None``: all of them).
-        unlabelled_windows: inputs with no recorded future searched per epoch (0: none).
+        inputs: what each search draws (``SearchInputs``: training windows, unlabelled inputs,
+            the authors' validation inputs).
+        target: what the training windows give the pool: ``"pseudo"`` (self-ensembled
+            pseudo-targets, the papers) or ``"pushforward"`` (model-made inputs with true
+            targets, see the module docstring).
         unlabelled_scorer: reference-free scorer for those; ``None`` uses ``scorer``.
         fit_windows: training windows whose targets fit the scorers (``None``: all).
         search_batch_size: inputs per search call (memory: × beams × K forecasts); ``None``: 4
@@ -122,8 +128,8 @@ class BeamSearchAugmentation(pl.Callback):
         search: SearchConfig = SearchConfig(),
         every_n_epochs: int = 1,
         start_epoch: int = 1,
-        max_windows: int | None = 64,
-        unlabelled_windows: int = 0,
+        inputs: SearchInputs = SearchInputs(),
+        target: Literal["pseudo", "pushforward"] = "pseudo",
         unlabelled_scorer: Scorer | None = None,
         fit_windows: int | None = 256,
         search_batch_size: int | None = None,
@@ -133,12 +139,13 @@ class BeamSearchAugmentation(pl.Callback):
         super().__init__()
         free_scorer = unlabelled_scorer if unlabelled_scorer is not None else scorer
         numbers = dict(every_n_epochs=every_n_epochs, start_epoch=start_epoch,
-                       unlabelled_windows=unlabelled_windows, max_windows=max_windows,
                        fit_windows=fit_windows, search_batch_size=search_batch_size)  # fmt: skip
-        _check_arguments(numbers, free_scorer, int(unlabelled_windows))
+        check_arguments(numbers, free_scorer, int(inputs.unlabelled))
+        if target not in TARGETS:
+            raise ValueError(f"{WHO}: target must be one of {TARGETS}, got {target!r}")
         self.scorer, self.unlabelled_scorer, self.search_config = scorer, free_scorer, search
         self.every_n_epochs, self.start_epoch = int(every_n_epochs), int(start_epoch)
-        self.max_windows, self.unlabelled_windows = max_windows, int(unlabelled_windows)
+        self.inputs, self.target = inputs, target
         self.fit_windows, self.search_batch_size = fit_windows, search_batch_size
         self.seed, self.pool_output = int(seed), pool_output
         self.history: list[EpochRecord] = []
@@ -240,12 +247,16 @@ class BeamSearchAugmentation(pl.Callback):
         """Search this rank's share of the epoch's inputs, gather over ranks, keep the accepted."""
         dm: ForecastData = trainer.datamodule
         epoch = trainer.current_epoch
-        lab = dm.training_windows(max_windows=self.max_windows, seed=self.seed + 1_000_003 * epoch)
+        lab = dm.training_windows(
+            max_windows=self.inputs.windows, seed=self.seed + 1_000_003 * epoch
+        )
         free = self.unlabelled_inputs(dm, epoch)
-        # labelled windows first, then unlabelled inputs: the global order of the pool
+        val = self.validation_inputs(dm, epoch)
+        # labelled windows, unlabelled inputs, validation inputs: the global order of the pool
         jobs = [
-            _Job(lab.x, lab.y, lab.index, "window", self.scorer),
+            _Job(lab.x, lab.y, lab.index, self.target, self.scorer),
             _Job(free.x, None, free.id, "unlabelled", self.unlabelled_scorer),
+            _Job(val.x, None, val.id, "validation", self.unlabelled_scorer),
         ]
         rank, world, gather = trainer.global_rank, trainer.world_size, trainer.strategy.all_gather
         parts = [
@@ -256,8 +267,9 @@ class BeamSearchAugmentation(pl.Callback):
         if not parts:
             empty, none = torch.empty(0), torch.empty(0, dtype=torch.long)
             return Accepted(empty, empty, empty, none, none, 0, float("nan"))
-        x, source, pseudo, ens, plain, ok = (torch.cat(p) for p in zip(*parts))
-        gain_all = ens - plain
+        # every job gives M rows per input (M = 1 but for pushforward's top_k members)
+        x, source, pseudo, ens, plain, ok = (torch.cat(p).flatten(0, 1) for p in zip(*parts))
+        gain_all = (ens - plain)[source[:, 0] != SOURCE_KINDS.index("validation")]
         finite = torch.isfinite(gain_all)
         gain = float(gain_all[finite].mean()) if bool(finite.any()) else float("nan")
         kind, index = source[ok].unbind(1)
@@ -266,24 +278,67 @@ class BeamSearchAugmentation(pl.Callback):
     def _rows(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, job: _Job, at: Tensor
     ) -> tuple[Tensor, ...]:
-        """Inputs ``at`` of ``job``, searched. Per row: physical input, source (kind, index),
-        pseudo-target, ensemble score, plain score, accepted; on the module's device."""
+        """Inputs ``at`` of ``job``, searched. Per input, ``M`` rows (1, or ``top_k`` for
+        pushforward): physical input, source (kind, index), target, ensemble score, plain score,
+        accepted; on the module's device."""
         device, convert = pl_module.device, trainer.precision_plugin.convert_input
         # inputs in the module's dtype and device, as the precision plugin feeds batches
+        x = convert(job.x[at]).to(device)
         y = None if job.y is None else convert(job.y[at]).to(device)
-        out = self.search(pl_module, convert(job.x[at]).to(device), y, job.scorer, trainer)
-        source = torch.stack(
-            [torch.full_like(at, SOURCE_KINDS.index(job.kind)), job.ids.long()[at]], 1
-        )
+        if job.how == "pushforward":
+            return self._pushforward_rows(trainer, pl_module, job.ids[at], x, y)
+        if job.how == "validation":
+            pseudo = plain_labels(pl_module.normalize(x), pl_module.forecast, pl_module.rollout_steps,
+                                  pl_module.denormalize, self.inputs_per_call(device))  # fmt: skip
+            zero = pseudo.new_zeros(pseudo.shape[0])
+            out = SelfTrainResult(pseudo, zero, zero, _finite(pseudo))
+        else:
+            out = self.search(pl_module, x, y, job.scorer, trainer)
+        kind = SOURCE_KINDS.index("window" if job.how == "pseudo" else job.how)
+        source = torch.stack([torch.full_like(at, kind), job.ids.long()[at]], 1).to(device)
         # the pool keeps the inputs as the data hold them (not a low-precision copy)
-        return (job.x[at].to(device), source.to(device), *out)
+        rows = (job.x[at].to(device), source, *out)
+        return tuple(t.unsqueeze(1) for t in rows)
+
+    def _pushforward_rows(
+        self, trainer: pl.Trainer, model: Any, ids: Tensor, x: Tensor, y: Tensor | None
+    ) -> tuple[Tensor, ...]:
+        """Rows of pushforward samples: each of the ``top_k`` trajectories advances the input by
+        one forecast step; the target is the recorded future of the window starting that step
+        later (``ForecastData.successor_windows``); inputs without one are not accepted."""
+        config, chunk = self.resolved(model), self.inputs_per_call(x.device)
+        total = calls_needed(x.shape[0], chunk)
+        with search_progress(trainer, total, f"pushforward: {x.shape[0]} inputs") as advance:
+            res = pushforward_step(
+                model.normalize(x), model.search_step_fn(config.candidate_k), self.scorer,
+                config, reference=y, to_physical=model.denormalize, chunk=chunk, on_chunk=advance,
+            )  # fmt: skip
+        dm: ForecastData = trainer.datamodule
+        t_out = y.shape[1] // config.rollout_steps
+        succ = dm.successor_windows(ids, t_out)
+        has = succ >= 0
+        target = torch.zeros((x.shape[0], *y.shape[1:]), dtype=res.inputs.dtype)
+        if bool(has.any()):
+            target[has] = dm.training_targets(succ[has]).to(target.dtype)
+        m = res.inputs.shape[1]
+        target = target.to(x.device).unsqueeze(1).expand(-1, m, *target.shape[1:])
+        kind = torch.full_like(succ, SOURCE_KINDS.index("pushforward"))
+        source = torch.stack([kind, succ], 1).to(x.device).unsqueeze(1).expand(-1, m, 2)
+        ok = has.to(x.device).unsqueeze(1) & _finite(res.inputs.flatten(0, 1)).view(-1, m)
+        return res.inputs, source, target, res.scores, res.scores, ok
 
     def unlabelled_inputs(self, dm: ForecastData, epoch: int) -> UnlabelledInputs:
-        """Up to ``unlabelled_windows`` physical inputs with no recorded future (training split),
-        a fresh random subset each epoch (``ForecastData.unlabelled_inputs``)."""
-        if self.unlabelled_windows == 0:
+        """Up to ``inputs.unlabelled`` physical inputs with no recorded future, a fresh random
+        subset each epoch (``ForecastData.unlabelled_inputs``)."""
+        if self.inputs.unlabelled == 0:
             return UnlabelledInputs(torch.empty(0, dtype=torch.long), torch.empty(0))
-        return dm.unlabelled_inputs(self.unlabelled_windows, seed=[self.seed, epoch, 1])
+        return dm.unlabelled_inputs(self.inputs.unlabelled, seed=[self.seed, epoch, 1])
+
+    def validation_inputs(self, dm: ForecastData, epoch: int) -> UnlabelledInputs:
+        """Up to ``inputs.validation`` validation inputs (the authors' leaking protocol)."""
+        if self.inputs.validation == 0:
+            return UnlabelledInputs(torch.empty(0, dtype=torch.long), torch.empty(0))
+        return dm.validation_inputs(self.inputs.validation, seed=[self.seed, epoch, 2])
 
     def inputs_per_call(self, device: torch.device | str) -> int:
         """``search_batch_size``, or its default for ``device``: 4 on CPU, 32 elsewhere."""
@@ -306,3 +361,8 @@ class BeamSearchAugmentation(pl.Callback):
                 scorer, config, reference=y, to_physical=model.denormalize, chunk=chunk,
                 on_chunk=advance,
             )  # fmt: skip
+
+
+def _finite(t: Tensor) -> Tensor:
+    """Per row of ``t (N, ...)``: all values finite."""
+    return torch.isfinite(t.flatten(1)).all(1)

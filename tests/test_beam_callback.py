@@ -22,6 +22,7 @@ from pytorch_lightning.loggers import CSVLogger
 from beamvq.backbones import ResNet
 from beamvq.bottleneck import VQBottleneck
 from beamvq.callbacks.beam_search import BeamSearchAugmentation
+from beamvq.callbacks.search_inputs import SearchInputs
 from beamvq.cli import main
 from beamvq.datamodules.config import LoaderConfig, PoolConfig, SplitConfig, WindowConfig
 from beamvq.datamodules.netcdf import NetCDFDataModule
@@ -143,7 +144,7 @@ def fitted(ns_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     spectrum = SpectrumScorer(from_vorticity=True)
     cb = SpyAugmentation(
         NegMSEScorer(), SearchConfig(beam_width=2, top_k=2, only_improving=False),
-        start_epoch=0, max_windows=5, unlabelled_windows=3, unlabelled_scorer=spectrum,
+        start_epoch=0, inputs=SearchInputs(windows=5, unlabelled=3), unlabelled_scorer=spectrum,
         search_batch_size=2, pool_output=str(tmp / "pool.nc"),
     )  # fmt: skip
     starts = EpochStart()
@@ -288,7 +289,7 @@ def test_unlabelled_inputs_come_after_the_last_training_windows(ns_file: Path) -
     # 9 frames, windows of 2 + 2x2 = 6 frames: starts 0..3 per sample, future-free t0 = 4..7
     assert sorted(set(want[:, 1].tolist())) == [4, 5, 6, 7]
     assert set(want[:, 0]) == set(train.starts[:, 0]) and len(want) == 4 * len(set(want[:, 0]))
-    cb = BeamSearchAugmentation(SpectrumScorer(), unlabelled_windows=100)
+    cb = BeamSearchAugmentation(SpectrumScorer(), inputs=SearchInputs(unlabelled=100))
     dm.recording = True
     free = cb.unlabelled_inputs(dm, epoch=0)
     x = free.x
@@ -297,7 +298,7 @@ def test_unlabelled_inputs_come_after_the_last_training_windows(ns_file: Path) -
     expected = np.stack([data[s, t0 : t0 + T_IN] for s, t0 in want])
     np.testing.assert_array_equal(x.numpy(), expected)
     # a fresh random subset each epoch, reproducible
-    two = BeamSearchAugmentation(SpectrumScorer(), unlabelled_windows=2, seed=5)
+    two = BeamSearchAugmentation(SpectrumScorer(), inputs=SearchInputs(unlabelled=2), seed=5)
     a, b = two.unlabelled_inputs(dm, epoch=3), two.unlabelled_inputs(dm, epoch=3)
     assert a.x.shape == (2, T_IN, 1, 16, 16) and torch.equal(a.x, b.x)
     np.testing.assert_array_equal(a.x.numpy(), expected[a.id.numpy()])
@@ -355,7 +356,7 @@ def test_setup_names_what_the_datamodule_and_the_module_lack() -> None:
 
 def test_unlabelled_windows_need_a_reference_free_scorer() -> None:
     with pytest.raises(ValueError, match="reference-free scorer"):
-        BeamSearchAugmentation(NegMSEScorer(), unlabelled_windows=4)
+        BeamSearchAugmentation(NegMSEScorer(), inputs=SearchInputs(unlabelled=4))
 
 
 # -- resume ---------------------------------------------------------------------------------------
@@ -365,7 +366,7 @@ def test_resume_restores_the_pool_exactly(ns_file: Path, tmp_path: Path) -> None
     ckpt = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
     dm_a = SpyDataModule(str(ns_file))
     cb_a = BeamSearchAugmentation(NegMSEScorer(), SearchConfig(beam_width=2, only_improving=False),
-                                  start_epoch=0, max_windows=4)  # fmt: skip
+                                  start_epoch=0, inputs=SearchInputs(windows=4))  # fmt: skip
     make_trainer([cb_a, ckpt], 2, enable_checkpointing=True).fit(make_module(), dm_a)
     assert [r.epoch for r in cb_a.history] == [0] and dm_a.pool.size == 4
     saved = torch.load(tmp_path / "epoch=0.ckpt", weights_only=False)
@@ -375,7 +376,7 @@ def test_resume_restores_the_pool_exactly(ns_file: Path, tmp_path: Path) -> None
     dm_b = SpyDataModule(str(ns_file))
     starts = EpochStart()
     cb_b = BeamSearchAugmentation(
-        NegMSEScorer(), SearchConfig(beam_width=2), start_epoch=0, max_windows=4
+        NegMSEScorer(), SearchConfig(beam_width=2), start_epoch=0, inputs=SearchInputs(windows=4)
     )
     make_trainer([cb_b, starts], 2).fit(
         make_module(), dm_b, ckpt_path=str(tmp_path / "epoch=0.ckpt"), weights_only=False
@@ -420,12 +421,14 @@ def shrink_config(name: str, tmp: Path) -> Path:
         if "output" in args:
             args["output"] = str(tmp / "pred.nc")
         if cb["class_path"].endswith("BeamSearchAugmentation"):
-            args.update(start_epoch=0, every_n_epochs=1, max_windows=2, fit_windows=8)
+            args.update(start_epoch=0, every_n_epochs=1, fit_windows=8)
+            inputs = args.setdefault("inputs", {})
+            inputs["windows"] = 2
             args.setdefault("search", {})["beam_width"] = 2
             if args.get("pool_output"):
                 args["pool_output"] = str(tmp / "pool.nc")
-            if args.get("unlabelled_windows"):
-                args["unlabelled_windows"] = 2
+            if inputs.get("unlabelled"):
+                inputs["unlabelled"] = 2
         kept.append(cb)
     tr["callbacks"] = kept
     data = cfg["data"]["init_args"]
@@ -453,7 +456,7 @@ def test_configs_run_beamvq_from_the_cli(
     cfg = shrink_config(name, tmp_path)
     cli = main(["fit", "--config", str(cfg)])
     (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, BeamSearchAugmentation)]
-    unlabelled = cb.unlabelled_windows
+    unlabelled = cb.inputs.unlabelled
     assert [r.epoch for r in cb.history] == [0]
     assert cb.history[0].searched == 2 + unlabelled
     assert cli.datamodule.pool.size == cb.history[0].added == cb.history[0].accepted

@@ -110,7 +110,7 @@ def test_fit_smoke(
     (record,) = search.history
     n_train = len(cli.datamodule.dataset("train"))
     assert record.epoch == search_epoch
-    assert record.searched == min(n_train, search.max_windows or n_train)
+    assert record.searched == min(n_train, search.inputs.windows or n_train)
     assert 0 <= record.added <= record.accepted <= record.searched
     assert record.pool_size == cli.datamodule.pool.size == record.added
     assert math.isfinite(record.score_gain)

@@ -121,8 +121,8 @@ def test_add_checks_its_arguments() -> None:
         pool.add(x, y, torch.zeros(3), kind, torch.arange(2))
     with pytest.raises(ValueError, match="source_index has 1 rows, x has 2"):
         pool.add(x, y, torch.zeros(2), kind, torch.arange(1))
-    with pytest.raises(ValueError, match=r"source_kind must index \('window', 'unlabelled'\)"):
-        pool.add(x, y, torch.zeros(2), torch.tensor([0, 2]), torch.arange(2))
+    with pytest.raises(ValueError, match=r"source_kind must index \('window', 'unlabelled', "):
+        pool.add(x, y, torch.zeros(2), torch.tensor([0, len(SOURCE_KINDS)]), torch.arange(2))
     assert pool.size == 0
 
 

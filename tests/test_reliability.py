@@ -28,6 +28,7 @@ from beamvq import metrics
 from beamvq.backbones import ResNet, SimVPv2
 from beamvq.bottleneck import VQBottleneck
 from beamvq.callbacks.beam_search import BeamSearchAugmentation
+from beamvq.callbacks.search_inputs import SearchInputs
 from beamvq.checkpoint_io import AtomicCheckpointIO, stale_temp_files
 from beamvq.checkpointing import collect_rng_state, restore_rng_state
 from beamvq.cli import BeamVQCLI, console_main, main
@@ -95,7 +96,7 @@ def _fit_metrics(ns_file: Path, seed: int) -> tuple[dict[str, float], dict[str, 
         NegMSEScorer(),
         SearchConfig(beam_width=2, top_k=2, only_improving=False),
         start_epoch=0,
-        max_windows=4,
+        inputs=SearchInputs(windows=4),
     )
     dm = make_dm(ns_file)
     trainer = make_trainer(2, [augment])

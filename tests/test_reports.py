@@ -63,7 +63,7 @@ trainer:
     - class_path: beamvq.callbacks.beam_search.BeamSearchAugmentation
       init_args:
         start_epoch: 0
-        max_windows: 6
+        inputs: {{windows: 6}}
         search: {{beam_width: 2, top_k: 2, only_improving: false}}
         scorer: {{class_path: beamvq.metrics.NegMSEScorer}}
     - class_path: beamvq.callbacks.forecast_images.ForecastImageLogger
