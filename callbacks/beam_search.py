@@ -268,7 +268,9 @@ class BeamSearchAugmentation(pl.Callback):
             empty, none = torch.empty(0), torch.empty(0, dtype=torch.long)
             return Accepted(empty, empty, empty, none, none, 0, float("nan"))
         # every job gives M rows per input (M = 1 but for pushforward's top_k members)
-        x, source, pseudo, ens, plain, ok = (torch.cat(p).flatten(0, 1) for p in zip(*parts))
+        x, source, pseudo, ens, plain, ok = (
+            torch.cat([t.flatten(0, 1) for t in p]) for p in zip(*parts)
+        )
         gain_all = (ens - plain)[source[:, 0] != SOURCE_KINDS.index("validation")]
         finite = torch.isfinite(gain_all)
         gain = float(gain_all[finite].mean()) if bool(finite.any()) else float("nan")
