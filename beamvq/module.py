@@ -34,7 +34,7 @@ from beamvq.bottleneck import VQBottleneck
 from beamvq.checkpointing import CKPT_KEY, check_checkpoint, check_data, restore_state, save_state
 from beamvq.ensemble import EnsembleConfig, fit_scorer
 from beamvq.evaluation import SplitMetrics
-from beamvq.faults import FaultConfig, FaultGuard, FaultSite
+from beamvq.faults import FaultConfig, FaultGuard, FaultSite, attached_trainer
 from beamvq.init_weights import load_weights
 from beamvq.losses import Loss, LossConfig, candidate_term
 from beamvq.model import VQForecaster
@@ -148,7 +148,8 @@ class ForecastModule(pl.LightningModule):
         return self.normalizer.denormalize(field)
 
     def setup(self, stage: str) -> None:
-        dm = self._trainer.datamodule if self._trainer is not None else None
+        trainer = attached_trainer(self)
+        dm = trainer.datamodule if trainer is not None else None
         if dm is None:
             return
         check_data(self.model, self.rollout_steps, dm)
@@ -161,7 +162,7 @@ class ForecastModule(pl.LightningModule):
             self.climatology = torch.as_tensor(np.asarray(dm.climatology), dtype=torch.float32)
         if stage == "fit" and self.hparams.init_from and not self._initialized:
             # before Lightning restores a --ckpt_path: a resumed fit keeps its own weights
-            load_weights(self, self.hparams.init_from, self._trainer)
+            load_weights(self, self.hparams.init_from, trainer)
             self._initialized = True
         if stage in ("test", "predict") and not self._scorer_fitted:
             self._scorer_fitted = fit_scorer(self.ensemble_config.scorer, dm)
@@ -358,7 +359,7 @@ class ForecastModule(pl.LightningModule):
 
     # -- checkpoints (beamvq.checkpointing) -------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CKPT_KEY] = save_state(self.model, self._trainer, self.skipped_batches)
+        checkpoint[CKPT_KEY] = save_state(self.model, attached_trainer(self), self.skipped_batches)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict") or {}
@@ -367,8 +368,9 @@ class ForecastModule(pl.LightningModule):
         for name in ("lat_deg", "climatology"):
             if name in state:
                 setattr(self, name, torch.empty_like(state[name]))
-        check_checkpoint(checkpoint, self, self._trainer)
-        self.guard.skipped_batches = restore_state(checkpoint, self._trainer)
+        trainer = attached_trainer(self)
+        check_checkpoint(checkpoint, self, trainer)
+        self.guard.skipped_batches = restore_state(checkpoint, trainer)
 
     # -- optimisation (beamvq.optim) ---------------------------------------------------------------
     def configure_optimizers(self) -> Any:

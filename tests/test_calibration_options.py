@@ -93,6 +93,7 @@ def test_search_inputs_refuse_a_silent_validation_leak() -> None:
 
 def test_successor_index_follows_the_same_sample() -> None:
     starts = np.array([[0, 0], [0, 1], [0, 2], [1, 0], [1, 1]])
-    np.testing.assert_array_equal(successor_index(starts, np.array([0, 1, 2, 3, 4]), 1),
-                                  [1, 2, -1, 4, -1])
+    np.testing.assert_array_equal(
+        successor_index(starts, np.array([0, 1, 2, 3, 4]), 1), [1, 2, -1, 4, -1]
+    )
     np.testing.assert_array_equal(successor_index(starts, np.array([0, 3]), 2), [2, -1])
