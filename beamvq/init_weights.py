@@ -55,7 +55,15 @@ def init_problems(
     """Every way the checkpoint's weights cannot start ``module`` (empty: they can)."""
     saved = dict(checkpoint["state_dict"])
     upgrade_legacy_keys(saved)
-    mine = module.state_dict()
+    extra = checkpoint.get("beamvq") or {}
+    problems = _weight_problems(saved, module.state_dict())
+    problems += _identity_problems(extra.get("model") or {}, module)
+    problems += _data_problems(extra.get("data") or {}, trainer)
+    return problems
+
+
+def _weight_problems(saved: Mapping[str, Any], mine: Mapping[str, Any]) -> list[str]:
+    """Shapes that differ, weights missing (but for the fresh parts) and weights unexpected."""
     problems = weight_differences(saved, mine, strict=False)
     missing = [k for k in mine if k not in saved and not k.startswith(FRESH_PREFIXES)]
     unexpected = [k for k in saved if k not in mine]
@@ -63,21 +71,29 @@ def init_problems(
         problems.append(f"weights missing from the checkpoint: {missing[:5]} ({len(missing)})")
     if unexpected:
         problems.append(f"weights this model does not have: {unexpected[:5]} ({len(unexpected)})")
-    extra = checkpoint.get("beamvq") or {}
-    saved_id, my_id = extra.get("model") or {}, model_identity(module.model)
-    for key, value in my_id.items():
-        if key in saved_id and key not in FRESH_IDENTITY and saved_id[key] != value:
-            problems.append(f"{key}: checkpoint {saved_id[key]}, this model {value}")
-    dm = trainer.datamodule if trainer is not None else None
-    saved_data = extra.get("data") or {}
-    if dm is not None and saved_data:
-        mine_data = data_identity(dm)
-        for key in ("variables", "grid"):
-            if key in saved_data and key in mine_data and saved_data[key] != mine_data[key]:
-                problems.append(
-                    f"data {key}: checkpoint {saved_data[key]}, this data {mine_data[key]}"
-                )
     return problems
+
+
+def _identity_problems(saved_id: Mapping[str, Any], module: pl.LightningModule) -> list[str]:
+    """The model identity's differences (backbone, steps, channels), the fresh parts' aside."""
+    return [
+        f"{key}: checkpoint {saved_id[key]}, this model {value}"
+        for key, value in model_identity(module.model).items()
+        if key in saved_id and key not in FRESH_IDENTITY and saved_id[key] != value
+    ]
+
+
+def _data_problems(saved_data: Mapping[str, Any], trainer: pl.Trainer | None) -> list[str]:
+    """The data's differences (variables, grid) from the one the checkpoint was trained on."""
+    dm = trainer.datamodule if trainer is not None else None
+    if dm is None or not saved_data:
+        return []
+    mine_data = data_identity(dm)
+    return [
+        f"data {key}: checkpoint {saved_data[key]}, this data {mine_data[key]}"
+        for key in ("variables", "grid")
+        if key in saved_data and key in mine_data and saved_data[key] != mine_data[key]
+    ]
 
 
 def load_weights(module: pl.LightningModule, path: str, trainer: pl.Trainer | None) -> None:

@@ -162,6 +162,10 @@ class SplitConfig:
             key = f"{split}_period"
             _set(self, key, _pair(f"splits.{key}", getattr(self, key), str))
         _set(self, "seed", int(self.seed))
+        self._check_sample_counts()
+
+    def _check_sample_counts(self) -> None:
+        """``train_samples`` and ``unlabelled_samples``: their ranges, and sample splits only."""
         if self.train_samples is not None and int(self.train_samples) < 1:
             raise ValueError(
                 f"data.splits.train_samples must be >= 1 or null, got {self.train_samples}"

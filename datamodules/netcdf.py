@@ -1,13 +1,14 @@
 """A forecasting datamodule over xarray-readable NetCDF: one file, a glob or a list of files.
 
 It composes the rooms of ``beamvq.datamodules`` (docs/data.md): ``config`` (the settings, grouped
-as they read in YAML), ``conventions`` (names, CF attributes, packing and time axes of the
-field's files: ERA5, https://confluence.ecmwf.int/display/CKB/ERA5; WeatherBench, Rasp et al.
-2020, arXiv 2002.00469; WeatherBench 2, Rasp et al. 2024, arXiv 2308.15560), ``scan`` (metadata
-→ one ``Layout``), ``reading`` (streaming into one float32 array ``(sample, time, channel, y,
-x)`` with per-frame statistics), ``cache`` (the memory map for archives larger than RAM),
-``splits`` and ``windows`` (split plan, window starts, the datasets), ``prepared`` (what setup
-makes of it all), ``check`` (the data report) and ``pool`` (BeamVQ's augmented pool).
+as they read in YAML; ``settings``: the values read off them), ``conventions`` (names, CF
+attributes, packing and time axes of the field's files: ERA5,
+https://confluence.ecmwf.int/display/CKB/ERA5; WeatherBench, Rasp et al. 2020, arXiv
+2002.00469; WeatherBench 2, Rasp et al. 2024, arXiv 2308.15560), ``scan`` (metadata → one
+``Layout``), ``reading`` (streaming into one float32 array ``(sample, time, channel, y, x)``
+with per-frame statistics), ``cache`` (the memory map for archives larger than RAM), ``splits``
+and ``windows`` (split plan, window starts, the datasets), ``prepared`` (what setup makes of it
+all), ``check`` (the data report) and ``pool`` (BeamVQ's augmented pool).
 
 Every check on the input runs in ``setup``, before training, and stops with one message naming
 the file and the variable, or the YAML key of a bad setting. Files are read in the main process
@@ -48,6 +49,7 @@ from beamvq.datamodules.pool import AugmentedPool
 from beamvq.datamodules.prepared import PreparedData, prepare
 from beamvq.datamodules.reading import FrameStats, read_into
 from beamvq.datamodules.scan import Layout, files_label, resolve_paths, scan_layout
+from beamvq.datamodules.settings import SettingsView
 from beamvq.datamodules.splits import SplitPlan, successor_index
 from beamvq.datamodules.unlabelled import InputSource, draw_inputs, unlabelled_sources
 from beamvq.datamodules.windows import collate_windows, pick_windows, window_targets
@@ -56,7 +58,7 @@ from beamvq.protocols import DataInfo, Normalization, UnlabelledInputs, WindowIn
 log = logging.getLogger(__name__)
 
 
-class NetCDFDataModule(pl.LightningDataModule):
+class NetCDFDataModule(SettingsView, pl.LightningDataModule):
     """Forecasting windows from NetCDF files (ERA5/WeatherBench grids, radar mosaics, simulations).
 
     The settings come in groups, one YAML mapping each (``beamvq.datamodules.config``; every
@@ -80,7 +82,8 @@ class NetCDFDataModule(pl.LightningDataModule):
     to split; what the files call their dims; how much missing data to accept; where the cache
     lives; the loader; the pool), so a config writes only the groups it changes. Read-only
     properties (``in_steps``, ``out_steps``, ``rollout_steps``, ``target_steps``, ``batch_size``,
-    ``predict_split``...) give the module and the callbacks the values they read.
+    ``predict_split``...; ``beamvq.datamodules.settings.SettingsView``) give the module and the
+    callbacks the values they read.
 
     Args:
         path: a NetCDF file, a glob pattern (``data/era5_*.nc``) or a list of files, concatenated
@@ -142,43 +145,6 @@ class NetCDFDataModule(pl.LightningDataModule):
         self.latitude: np.ndarray | None = None
         self.coords: dict[str, xr.DataArray] = {}
         self.var_attrs: dict[str, dict] = {}
-
-    # -- sizes and settings the module and callbacks read ----------------------------------------
-    @property
-    def in_steps(self) -> int:
-        return self.windows.in_steps
-
-    @property
-    def out_steps(self) -> int:
-        return self.windows.out_steps
-
-    @property
-    def rollout_steps(self) -> int:
-        return self.windows.rollout_steps
-
-    @property
-    def stride(self) -> int:
-        return self.windows.stride
-
-    @property
-    def target_steps(self) -> int:
-        return self.windows.target_steps
-
-    @property
-    def window(self) -> int:
-        return self.windows.length
-
-    @property
-    def batch_size(self) -> int:
-        return self.loader.batch_size
-
-    @property
-    def num_workers(self) -> int:
-        return self.loader.num_workers
-
-    @property
-    def predict_split(self) -> str:
-        return self.splits.predict_split
 
     @property
     def files(self) -> list[str]:

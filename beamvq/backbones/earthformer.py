@@ -81,8 +81,9 @@ global update described above. The reference package, built at that configuratio
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -606,6 +607,80 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+# -- building the backbone (helpers of Earthformer.__init__) -----------------------------------
+def _hierarchy_problems(
+    enc_depth: list[int], dec_depth: list[int], dims: list[int], num_heads: int
+) -> list[str]:
+    """What is wrong with the encoder/decoder hierarchy's settings (empty: nothing)."""
+    problems = []
+    num_levels = len(enc_depth)
+    if num_levels < 1 or len(dec_depth) != num_levels:
+        problems.append(f"enc_depth {enc_depth} and dec_depth {dec_depth} need equal length")
+    if any(d < 1 for d in enc_depth + dec_depth):
+        problems.append("every enc_depth/dec_depth entry must be >= 1")
+    if any(d % num_heads for d in dims):
+        problems.append(f"level widths {dims} must be divisible by num_heads={num_heads}")
+    return problems
+
+
+def _stem_problems(
+    stem_dims: list[int], stem_downscales: list[int], base_units: int, downsample: int, convs: int
+) -> list[str]:
+    """What is wrong with the stem's and the merges' settings (empty: nothing)."""
+    problems = []
+    if len(stem_dims) != len(stem_downscales) or not stem_dims:
+        problems.append(f"stem_dims {stem_dims} and stem_downscales need equal, >0 length")
+    elif stem_dims[-1] != base_units:
+        problems.append(f"the last stem_dims entry must equal base_units={base_units}")
+    if any(s < 1 for s in stem_downscales) or downsample < 1 or convs < 1:
+        problems.append("downsample factors and stem_convs must be >= 1")
+    return problems
+
+
+def _grid_sizes(
+    height: int, width: int, stem_downscales: list[int], downsample: int, num_levels: int
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Grid sizes after each stem stage (the input grid first), then per hierarchy level."""
+    stem_sizes = [(height, width)]
+    for s in stem_downscales:
+        h, w = stem_sizes[-1]
+        stem_sizes.append((-(-h // s), -(-w // s)))
+    level_hw = [stem_sizes[-1]]
+    for _ in range(num_levels - 1):
+        h, w = level_hw[-1]
+        level_hw.append((-(-h // downsample), -(-w // downsample)))
+    return stem_sizes, level_hw
+
+
+def _layer_patterns(
+    name: str,
+    cuboid_sizes: Sequence[Sequence[int]] | None,
+    cuboid_strategies: Sequence[str] | None,
+    shift_sizes: Sequence[Sequence[int]] | None,
+    extents: Size3,
+) -> list[CuboidPattern]:
+    """The cuboid pattern of every attention layer of a block over ``extents``."""
+    if cuboid_sizes is None:
+        sizes = [(extents[0], 1, 1), (1, extents[1], 1), (1, 1, extents[2])]
+    else:
+        sizes = [tuple(int(c) for c in s) for s in cuboid_sizes]
+    strategies = list(cuboid_strategies or ["lll"] * len(sizes))
+    shifts = [tuple(s) for s in shift_sizes] if shift_sizes else [(0, 0, 0)] * len(sizes)
+    if not (len(strategies) == len(shifts) == len(sizes)) or any(
+        len(s) != 3 for s in [*sizes, *shifts]
+    ):
+        raise ValueError(
+            f"{name}: cuboid_sizes, cuboid_strategies and shift_sizes need one (t, h, w) "
+            f"entry per attention layer; got {cuboid_sizes}, {cuboid_strategies}, "
+            f"{shift_sizes}"
+        )
+    return [resolve_pattern(extents, *args) for args in zip(sizes, shifts, strategies)]
+
+
+# ``_layer_patterns`` with the settings bound: a block's extents -> its layers' patterns
+Patterns = Callable[[Size3], list[CuboidPattern]]
+
+
 # -- the backbone ------------------------------------------------------------------------------
 class Earthformer(Backbone):
     """Earthformer (cuboid-attention encoder-decoder); ``z`` is the top encoder state.
@@ -681,18 +756,8 @@ class Earthformer(Backbone):
         problems = []
         if self.height < 1 or self.width < 1:
             problems.append(f"height and width must be >= 1, got {height}x{width}")
-        if num_levels < 1 or len(dec_depth) != num_levels:
-            problems.append(f"enc_depth {enc_depth} and dec_depth {dec_depth} need equal length")
-        if any(d < 1 for d in enc_depth + dec_depth):
-            problems.append("every enc_depth/dec_depth entry must be >= 1")
-        if any(d % num_heads for d in dims):
-            problems.append(f"level widths {dims} must be divisible by num_heads={num_heads}")
-        if len(stem_dims) != len(stem_downscales) or not stem_dims:
-            problems.append(f"stem_dims {stem_dims} and stem_downscales need equal, >0 length")
-        elif stem_dims[-1] != base_units:
-            problems.append(f"the last stem_dims entry must equal base_units={base_units}")
-        if any(s < 1 for s in stem_downscales) or downsample < 1 or stem_convs < 1:
-            problems.append("downsample factors and stem_convs must be >= 1")
+        problems += _hierarchy_problems(enc_depth, dec_depth, dims, num_heads)
+        problems += _stem_problems(stem_dims, stem_downscales, base_units, downsample, stem_convs)
         if num_global_vectors < 0:
             problems.append("num_global_vectors must be >= 0")
         if problems:
@@ -702,46 +767,42 @@ class Earthformer(Backbone):
         self.num_global_vectors = int(num_global_vectors)
         use_global = self.num_global_vectors > 0
         self.dec_global_vectors = bool(dec_global_vectors) and use_global
-
-        # Grid sizes: after each stem stage, then per hierarchy level.
-        stem_sizes = [(self.height, self.width)]
-        for s in stem_downscales:
-            h, w = stem_sizes[-1]
-            stem_sizes.append((-(-h // s), -(-w // s)))
-        level_hw = [stem_sizes[-1]]
-        for _ in range(num_levels - 1):
-            h, w = level_hw[-1]
-            level_hw.append((-(-h // downsample), -(-w // downsample)))
+        stem_sizes, level_hw = _grid_sizes(
+            self.height, self.width, stem_downscales, downsample, num_levels
+        )
         self.level_hw = level_hw
-
-        def patterns(extents: Size3) -> list[CuboidPattern]:
-            if cuboid_sizes is None:
-                sizes = [(extents[0], 1, 1), (1, extents[1], 1), (1, 1, extents[2])]
-            else:
-                sizes = [tuple(int(c) for c in s) for s in cuboid_sizes]
-            strategies = list(cuboid_strategies or ["lll"] * len(sizes))
-            shifts = [tuple(s) for s in shift_sizes] if shift_sizes else [(0, 0, 0)] * len(sizes)
-            if not (len(strategies) == len(shifts) == len(sizes)) or any(
-                len(s) != 3 for s in [*sizes, *shifts]
-            ):
-                raise ValueError(
-                    f"{name}: cuboid_sizes, cuboid_strategies and shift_sizes need one (t, h, w) "
-                    f"entry per attention layer; got {cuboid_sizes}, {cuboid_strategies}, "
-                    f"{shift_sizes}"
-                )
-            return [resolve_pattern(extents, *args) for args in zip(sizes, shifts, strategies)]
-
+        patterns = partial(_layer_patterns, name, cuboid_sizes, cuboid_strategies, shift_sizes)
         drops = {"attn_drop": attn_drop, "proj_drop": proj_drop, "ffn_drop": ffn_drop, "moe": moe}
 
-        # Stem and encoder.
+        # Stem, encoder and decoder (in this order: it is the order of the random init).
         self.stem = Stem(in_channels, stem_dims, stem_downscales, stem_convs)
         self.enc_pos_embed = AxialPositionEmbedding(base_units, (in_steps, *level_hw[0]))
         if use_global:
             self.init_global_vectors = nn.Parameter(torch.zeros(num_global_vectors, base_units))
             nn.init.trunc_normal_(self.init_global_vectors, std=0.02)
+        self._build_encoder(dims, num_heads, enc_depth, downsample, patterns, drops)
+        self._build_decoder(dims, num_heads, dec_depth, cross_cuboid_hw, patterns, drops)
+        self.stem_decoder = StemDecoder(base_units, stem_dims[::-1], stem_sizes[-2::-1], stem_convs)
+        self.head = nn.Linear(stem_dims[0], out_channels)
+        for module in self.modules():
+            _init_weights(module)
+        number_moe_layers(self)
+
+    def _build_encoder(
+        self,
+        dims: list[int],
+        num_heads: int,
+        enc_depth: list[int],
+        downsample: int,
+        patterns: Patterns,
+        drops: dict[str, Any],
+    ) -> None:
+        """The encoder's levels of self-attention blocks, patch merges and global merges."""
+        num_levels, level_hw = len(dims), self.level_hw
+        use_global = self.num_global_vectors > 0
         self.encoder = nn.ModuleList()
         for i in range(num_levels):
-            extents = (in_steps, *level_hw[i])
+            extents = (self.in_steps, *level_hw[i])
             top = i == num_levels - 1
             self.encoder.append(
                 nn.ModuleList(
@@ -766,7 +827,21 @@ class Earthformer(Backbone):
             nn.Linear(dims[i], dims[i + 1]) for i in range(num_levels - 1) if use_global
         )
 
-        # Decoder.
+    def _build_decoder(
+        self,
+        dims: list[int],
+        num_heads: int,
+        dec_depth: list[int],
+        cross_cuboid_hw: Sequence[int],
+        patterns: Patterns,
+        drops: dict[str, Any],
+    ) -> None:
+        """The initial queries, the decoder's levels of self- and cross-attention blocks, and
+        the upsamplings between them."""
+        num_levels, level_hw = len(dims), self.level_hw
+        in_steps, out_steps = self.in_steps, self.out_steps
+        attn_drop, proj_drop = drops["attn_drop"], drops["proj_drop"]
+        ffn_drop, moe = drops["ffn_drop"], drops["moe"]
         top_hw = level_hw[-1]
         self.dec_pos_embed = AxialPositionEmbedding(dims[-1], (out_steps, *top_hw))
         self.query_proj = nn.Linear(dims[-1], dims[-1])
@@ -808,11 +883,6 @@ class Earthformer(Backbone):
         self.dec_ups = nn.ModuleList(
             Upsample(dims[i + 1], dims[i], level_hw[i]) for i in range(num_levels - 1)
         )
-        self.stem_decoder = StemDecoder(base_units, stem_dims[::-1], stem_sizes[-2::-1], stem_convs)
-        self.head = nn.Linear(stem_dims[0], out_channels)
-        for module in self.modules():
-            _init_weights(module)
-        number_moe_layers(self)
 
     # -- contract ---------------------------------------------------------------------------
     def check_grid(self, height: int, width: int) -> None:
