@@ -1,7 +1,8 @@
 """Compare checkpoints on the test split: a Markdown table of metrics by lead time.
 
 ``python -m beamvq.summary --config cfg.yaml --ckpt base.ckpt [--ckpt beamvq.ckpt]
-[--out runs/x/summary.md] [--predict] [--no-logger] [any beamvq CLI override ...]``
+[--out runs/x/summary.md] [--json runs/x/test.json] [--predict] [--no-logger]
+[any beamvq CLI override ...]``
 
 Runs ``beamvq test`` (and with ``--predict`` also ``beamvq predict``) once per checkpoint through
 ``beamvq.cli.main``, reads the pooled test metrics the module logs (``test/mse_lead{t}``,
@@ -20,6 +21,7 @@ prediction file is moved to ``<out dir>/predictions_<label>.nc``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import re
@@ -225,6 +227,9 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--out", help="Markdown file (default: <default_root_dir>/summary.md)")
     parser.add_argument("--predict", action="store_true", help="also run predict per checkpoint")
     parser.add_argument(
+        "--json", help="also write every test/* metric of each checkpoint to this JSON file"
+    )
+    parser.add_argument(
         "--no-logger", action="store_true", help="no experiment logger for these runs"
     )
     args, extra = parser.parse_known_args(list(argv))
@@ -243,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     configs = [a for c in args.config for a in ("--config", c)]
     common = configs + (["--trainer.logger", "false"] if args.no_logger else [])
     out = Path(args.out) if args.out else None
-    evals = []
+    evals, raw = [], []
     for ckpt, label in zip(args.ckpt, labels):
         root = ["--trainer.default_root_dir", str(out.parent / label)] if out else []
         run = _run_cli(["test", *common, *root, *extra, "--ckpt_path", ckpt])
@@ -252,6 +257,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         if not any(k.startswith("test/") for k in metrics):
             raise RuntimeError(f"beamvq test logged no test/* metrics for {ckpt}")
         evals.append(collect(metrics, label, ckpt))
+        raw.append(metrics)
         if args.predict:
             pred = _run_cli(["predict", *common, *root, *extra, "--ckpt_path", ckpt])
             _move_predictions(pred.trainer, out.parent / f"predictions_{label}.nc")
@@ -260,7 +266,25 @@ def main(argv: Sequence[str] | None = None) -> Path:
     plot = lead_plot(evals, out.with_name(f"{out.stem}_leads.png"))
     out.write_text(markdown(evals, plot.name if plot else None))
     log.info("wrote %s", out)
+    if args.json:
+        write_json(evals, raw, Path(args.json))
     return out
+
+
+def write_json(evals: Sequence[Evaluation], raw: Sequence[Mapping[str, float]], path: Path) -> None:
+    """``{label: {"ckpt": path, "metrics": {"test/...": value}}}``, written atomically."""
+    data = {
+        ev.label: {
+            "ckpt": ev.ckpt,
+            "metrics": {k: m[k] for k in sorted(m) if k.startswith("test/")},
+        }
+        for ev, m in zip(evals, raw)
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, allow_nan=True))
+    tmp.replace(path)
+    log.info("wrote %s", path)
 
 
 def _run_cli(args: list[str]) -> cli.BeamVQCLI:
