@@ -127,8 +127,9 @@ class ForecastModule(pl.LightningModule):
         self.register_load_state_dict_pre_hook(legacy_keys_pre_hook)
         horizon = self.rollout_steps * backbone.out_steps
         thresholds = tuple(csi_thresholds or ())
-        self.val_metrics = SplitMetrics(horizon, thresholds)
-        self.test_metrics = SplitMetrics(horizon, thresholds, ensemble.members)
+        channels = int(backbone.out_channels)  # > 1: also per-variable metrics (beamvq.evaluation)
+        self.val_metrics = SplitMetrics(horizon, thresholds, channels=channels)
+        self.test_metrics = SplitMetrics(horizon, thresholds, ensemble.members, channels)
         self._scorer_fitted = False
         self._initialized = False
         # lat-lon grids: latitudes (degrees) and the training climatology, set in setup; kept
@@ -321,12 +322,24 @@ class ForecastModule(pl.LightningModule):
             self.test_metrics.update_ensemble(self.ensemble_members(batch.x).fields, batch.y)
         return out
 
+    def _split_values(self, metrics: SplitMetrics) -> dict[str, Tensor]:
+        """The split's pooled metrics; with several channels also per variable, named by the
+        datamodule's ``channel_names`` (``val/rmse/z500``), and the ``*_norm`` pools in units of
+        the training std (``beamvq.evaluation``)."""
+        trainer = attached_trainer(self)
+        dm = trainer.datamodule if trainer is not None else None
+        names = getattr(dm, "channel_names", None)
+        if names is None and metrics.forecast.channels > 1 and callable(getattr(dm, "info", None)):
+            names = [c.name for c in dm.info().channels]  # beamvq.protocols.DataInfo
+        std = self.normalizer.std if self.normalizer.is_set else None
+        return metrics.compute(bool(self.lat_deg.numel()), names, std)
+
     def on_validation_epoch_end(self) -> None:
-        values = self.val_metrics.compute(latlon=bool(self.lat_deg.numel()))
+        values = self._split_values(self.val_metrics)
         self.log_dict({f"val/{k}": v for k, v in values.items()})
 
     def on_test_epoch_end(self) -> None:
-        values = self.test_metrics.compute(latlon=bool(self.lat_deg.numel()))
+        values = self._split_values(self.test_metrics)
         self.log_dict({f"test/{k}": v for k, v in values.items()})
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Prediction:

@@ -11,7 +11,10 @@ contingency scores, Veillette et al. 2020), and writes ``summary.md`` with the o
 the metrics per lead time and per threshold, side by side, plus ``summary_leads.png``. With two
 checkpoints the second is compared with the first (labels ``base`` and ``beamvq`` by default),
 with the relative change in percent: BeamVQ (arXiv 2405.17051) claims its gains grow with lead
-time, which the per-lead rows show directly.
+time, which the per-lead rows show directly. With several variables a table "By variable" shows
+the per-variable metrics (``test/rmse/z500``..., pooled over lead times) and a last row pooled
+over the variables in normalized units (``test/rmse_norm``...), since the overall physical-unit
+metrics mix units.
 
 Each checkpoint's run writes under ``<out dir>/<label>/`` (``--trainer.default_root_dir``), so the
 callbacks' test plots of the two checkpoints do not overwrite each other; with ``--predict`` the
@@ -43,6 +46,8 @@ log = logging.getLogger("beamvq.summary")
 OVERALL = ("mse", "rmse", "mae", "rel_l2", "csi_m", "crps", "spread", "spread_skill")
 BY_LEAD = ("mse", "mae", "csi_m", "crps", "spread_skill")
 BY_THRESHOLD = ("csi", "pod", "sucr", "bias")
+BY_VARIABLE = ("rmse", "mse", "mae", "lat_rmse", "acc", "crps")
+NORMALIZED_ROW = "all (normalized)"
 LABELS = {
     "mse": "MSE",
     "rmse": "RMSE",
@@ -56,34 +61,47 @@ LABELS = {
     "pod": "POD",
     "sucr": "SUCR",
     "bias": "BIAS",
+    "lat_rmse": "lat. RMSE",
+    "acc": "ACC",
 }
 
 
 class Evaluation(NamedTuple):
-    """The test metrics of one checkpoint: overall, by lead time (1, 2, ...) and by threshold."""
+    """The test metrics of one checkpoint: overall, by lead time (1, 2, ...), by threshold and
+    by variable (``{metric: {variable: value}}``, empty with one channel)."""
 
     label: str
     ckpt: str
     overall: dict[str, float]
     by_lead: dict[str, dict[int, float]]
     by_threshold: dict[str, dict[str, float]]
+    by_variable: dict[str, dict[str, float]] = {}
 
 
 def collect(metrics: Mapping[str, float], label: str, ckpt: str) -> Evaluation:
-    """Sort ``test/*`` metric keys into overall, per-lead and per-threshold values."""
+    """Sort ``test/*`` metric keys into overall, per-lead, per-threshold and per-variable
+    (``test/{metric}/{variable}``; the ``test/{metric}_norm`` pools as the last row) values."""
     overall: dict[str, float] = {}
     by_lead: dict[str, dict[int, float]] = {}
     by_thr: dict[str, dict[str, float]] = {}
+    by_var: dict[str, dict[str, float]] = {}
     lead_re = re.compile(r"^test/(.+)_lead(\d+)$")
     thr_re = re.compile(rf"^test/({'|'.join(BY_THRESHOLD)})_([-+0-9.eE]+)$")
+    var_re = re.compile(rf"^test/({'|'.join(BY_VARIABLE)})/(.+)$")
     for key, value in metrics.items():
         if m := lead_re.match(key):
             by_lead.setdefault(m.group(1), {})[int(m.group(2))] = float(value)
         elif m := thr_re.match(key):
             by_thr.setdefault(m.group(1), {})[m.group(2)] = float(value)
+        elif m := var_re.match(key):
+            by_var.setdefault(m.group(1), {})[m.group(2)] = float(value)
         elif key.startswith("test/"):
             overall[key[len("test/") :]] = float(value)
-    return Evaluation(label, ckpt, overall, by_lead, by_thr)
+    if by_var:
+        for n in BY_VARIABLE:
+            if f"{n}_norm" in overall:
+                by_var.setdefault(n, {})[NORMALIZED_ROW] = overall[f"{n}_norm"]
+    return Evaluation(label, ckpt, overall, by_lead, by_thr, by_var)
 
 
 def _fmt(v: float | None) -> str:
@@ -111,6 +129,7 @@ def markdown(evals: Sequence[Evaluation], plot: str | None = None) -> str:
     if not 1 <= len(evals) <= 2:
         raise ValueError(f"markdown: one or two evaluations, got {len(evals)}")
     lines = _header(evals) + _overall(evals) + _by_lead(evals) + _by_threshold(evals)
+    lines += _by_variable(evals)
     if plot:
         lines += ["", f"![metrics by lead time]({plot})"]
     return "\n".join(lines) + "\n"
@@ -174,6 +193,24 @@ def _by_threshold(evals: Sequence[Evaluation]) -> list[str]:
     rows = [(thr, lambda e, n, thr=thr: e.by_threshold.get(n, {}).get(thr)) for thr in thresholds]
     title = "## By threshold (pooled over lead times)"
     return ["", title, "", *_table(evals, names, rows, "threshold")]
+
+
+def _by_variable(evals: Sequence[Evaluation]) -> list[str]:
+    names = [n for n in BY_VARIABLE if any(n in e.by_variable for e in evals)]
+    seen = [v for e in evals for s in e.by_variable.values() for v in s]
+    variables = [v for v in dict.fromkeys(seen) if v != NORMALIZED_ROW]
+    if not variables:
+        return []
+    if NORMALIZED_ROW in seen:
+        variables.append(NORMALIZED_ROW)
+    rows = [(v, lambda e, n, v=v: e.by_variable.get(n, {}).get(v)) for v in variables]
+    title = "## By variable (pooled over lead times)"
+    note = (
+        "Physical units per variable; the overall MSE/RMSE/MAE/CRPS above pool the variables in "
+        f"their own units. **{NORMALIZED_ROW}**: pooled over the variables with each one's "
+        "errors divided by its training std (`test/mse_norm`...)."
+    )
+    return ["", title, "", note, "", *_table(evals, names, rows, "variable")]
 
 
 def lead_plot(evals: Sequence[Evaluation], path: Path) -> Path | None:

@@ -3,7 +3,9 @@
 The per-lead metrics ``ForecastModule`` logs (``val/mse_lead{t}``, ``val/csi_m_lead{t}``,
 ``test/crps_lead{t}``, ...) and the per-threshold ones (``csi_{thr}``, ``pod_``, ``sucr_``,
 ``bias_``; SEVIR protocol, Veillette et al. 2020) as line plots and tables: forecast skill is
-judged by how it decays with lead time, which BeamVQ claims to slow (arXiv 2405.17051).
+judged by how it decays with lead time, which BeamVQ claims to slow (arXiv 2405.17051). With
+several variables the test report adds a table of the per-variable metrics (``test/rmse/z500``...,
+pooled over lead times), since the pooled physical-unit ones mix units.
 """
 
 from __future__ import annotations
@@ -17,7 +19,13 @@ from pytorch_lightning.utilities import rank_zero_only
 from beamvq.callbacks import wandb_media
 from beamvq.callbacks.figures.leads import lead_figure
 from beamvq.callbacks.figures.style import plot_dir, save_figure
-from beamvq.callbacks.tables import LeadTable, lead_table, markdown_table
+from beamvq.callbacks.tables import (
+    LeadTable,
+    lead_table,
+    markdown_table,
+    markdown_variable_table,
+    variable_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +33,8 @@ log = logging.getLogger(__name__)
 class LeadTimeReport(pl.Callback):
     """Validation: ``val_leads.png`` (one line per epoch, so the reader sees skill improve with
     training, lead by lead) and W&B ``val/by_lead/*``; test: ``test_leads.png``,
-    ``test_leads.md`` and W&B ``test/by_lead/*``.
+    ``test_leads.md`` (with several variables also a row per variable) and W&B
+    ``test/by_lead/*``; with several variables also W&B ``{val,test}/by_variable/table``.
 
     Args:
         dirpath: folder for the files; default ``<trainer.default_root_dir>/plots``.
@@ -52,6 +61,16 @@ class LeadTimeReport(pl.Callback):
     ) -> None:
         if wandb_media.wandb_loggers(trainer):
             objects = wandb_media.lead_objects(table, prefix)
+            variables = variable_table(trainer.callback_metrics, prefix)
+            if variables.variables:
+                names = list(variables.by_variable)
+                rows = [
+                    [v, *(variables.by_variable[n][i] for n in names)]
+                    for i, v in enumerate(variables.variables)
+                ]
+                objects[f"{prefix}/by_variable/table"] = wandb_media.table(
+                    ["variable", *names], rows
+                )
             image = wandb_media.image(plot, title)
             wandb_media.log_media(trainer, {**objects, f"{prefix}/by_lead/plot": image})
 
@@ -79,6 +98,10 @@ class LeadTimeReport(pl.Callback):
         figure = lead_figure([("test", table)], title)
         path = save_figure(figure, folder / "test_leads.png", self.dpi)
         md = folder / "test_leads.md"
-        md.write_text(f"# {title}\n\n{markdown_table(table)}")
+        text = f"# {title}\n\n{markdown_table(table)}"
+        variables = markdown_variable_table(variable_table(trainer.callback_metrics, "test"))
+        if variables:
+            text += f"\n## By variable (pooled over lead times, physical units)\n\n{variables}"
+        md.write_text(text)
         self.saved.extend([path, md])
         self._publish(trainer, table, "test", path, title)

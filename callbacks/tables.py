@@ -3,7 +3,8 @@ usage, and the record of one BeamVQ search epoch.
 
 Per-lead metrics are the keys ``ForecastModule`` logs (``val/mse_lead{t}``, ``test/crps_lead{t}``,
 ...), per-threshold ones ``csi_{thr}``, ``pod_``, ``sucr_``, ``bias_`` (SEVIR protocol,
-Veillette et al. 2020). Code-bank usage follows van den Oord et al. 2017 (arXiv 1711.00937):
+Veillette et al. 2020), per-variable ones ``{metric}/{variable}`` (``test/rmse/z500``, the
+WeatherBench convention; logged with more than one channel). Code-bank usage follows van den Oord et al. 2017 (arXiv 1711.00937):
 perplexity of the nearest-code distribution and the fraction of codes never used.
 """
 
@@ -28,6 +29,16 @@ LABELS = {
     "bias": "BIAS",
 }
 THRESHOLD_METRICS = ("csi", "pod", "sucr", "bias")
+# per-variable metrics in the order of the table's columns (``beamvq.evaluation``)
+VARIABLE_METRICS = ("rmse", "mse", "mae", "lat_rmse", "acc", "crps")
+VARIABLE_LABELS = {
+    "rmse": "RMSE",
+    "mse": "MSE",
+    "mae": "MAE",
+    "lat_rmse": "lat. RMSE",
+    "acc": "ACC",
+    "crps": "CRPS",
+}
 
 
 class LeadTable(NamedTuple):
@@ -95,6 +106,56 @@ def markdown_table(table: LeadTable) -> str:
             lines.append(
                 f"| {thr} | " + " | ".join(f"{table.by_threshold[n][i]:.4g}" for n in names) + " |"
             )
+    return "\n".join(lines) + "\n"
+
+
+# the row of the pools over variables in normalized units (``{prefix}/{metric}_norm``)
+NORMALIZED_ROW = "all (normalized)"
+
+
+class VariableTable(NamedTuple):
+    """Per-variable metrics of one evaluation: ``by_variable[metric]`` over ``variables`` (in the
+    order logged, i.e. the channel order), pooled over lead times, physical units; the last
+    row, ``NORMALIZED_ROW``, pools the variables in units of each one's training std."""
+
+    variables: list[str]
+    by_variable: dict[str, list[float]]
+
+
+def variable_table(metrics: Mapping[str, Any], prefix: str) -> VariableTable:
+    """Collect ``{prefix}/{metric}/{variable}`` keys (``VARIABLE_METRICS``); empty with one
+    channel, which has no per-variable keys."""
+    per: dict[str, dict[str, float]] = {}
+    variables: list[str] = []
+    var_re = re.compile(rf"^{re.escape(prefix)}/({'|'.join(VARIABLE_METRICS)})/(.+)$")
+    for key, value in metrics.items():
+        if m := var_re.match(key):
+            per.setdefault(m.group(1), {})[m.group(2)] = float(value)
+            if m.group(2) not in variables:
+                variables.append(m.group(2))
+    if variables:
+        for n in VARIABLE_METRICS:
+            if f"{prefix}/{n}_norm" in metrics:
+                per.setdefault(n, {})[NORMALIZED_ROW] = float(metrics[f"{prefix}/{n}_norm"])
+        if any(NORMALIZED_ROW in series for series in per.values()):
+            variables.append(NORMALIZED_ROW)
+    names = [n for n in VARIABLE_METRICS if n in per]
+    return VariableTable(variables, _series(per, names, variables))
+
+
+def markdown_variable_table(table: VariableTable) -> str:
+    """The table as Markdown: one row per variable, one column per metric ("" when empty)."""
+    if not table.variables:
+        return ""
+    names = list(table.by_variable)
+    lines = [
+        "| variable | " + " | ".join(VARIABLE_LABELS.get(n, n) for n in names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for i, v in enumerate(table.variables):
+        lines.append(
+            f"| {v} | " + " | ".join(f"{table.by_variable[n][i]:.4g}" for n in names) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 

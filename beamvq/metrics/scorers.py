@@ -10,7 +10,7 @@ keeps its ``beamvq.metrics.scorers.X`` path.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from einops import rearrange, reduce
@@ -24,7 +24,7 @@ from beamvq.metrics.physics_scorers import (
     SpectrumScorer,
     TKEScorer,
 )
-from beamvq.metrics.scorer_base import Scorer
+from beamvq.metrics.scorer_base import Scorer, check_channel
 from beamvq.metrics.structure import ssim
 
 __all__ = [
@@ -42,7 +42,12 @@ __all__ = [
 
 
 class CSIScorer(Scorer):
-    """Mean CSI over thresholds, per sample and candidate (counts over T, C, H, W).
+    """Mean CSI over thresholds, per sample and candidate (counts over T, C, H, W, or over T, H, W
+    of ``channel`` only).
+
+    The thresholds are in physical units and apply to every channel counted: with several
+    variables give ``channel`` (the one the thresholds belong to, e.g. VIL), else a large-unit
+    variable exceeds them everywhere.
 
     Where neither the candidate nor the reference reaches a threshold (H + M + F = 0), the
     candidate agrees perfectly that there is no event there and that threshold scores 1. So every
@@ -52,10 +57,13 @@ class CSIScorer(Scorer):
 
     requires_reference = True
 
-    def __init__(self, thresholds: Sequence[float] = SEVIR_THRESHOLDS) -> None:
+    def __init__(
+        self, thresholds: Sequence[float] = SEVIR_THRESHOLDS, channel: int | None = None
+    ) -> None:
         if len(thresholds) == 0:
             raise ValueError("thresholds must not be empty")
         self.thresholds = [float(t) for t in thresholds]
+        self.channel = channel
 
     def __call__(
         self, cands: Tensor, reference: Tensor | None = None, *, inputs: Tensor | None = None
@@ -63,6 +71,10 @@ class CSIScorer(Scorer):
         self._check(cands, reference, inputs)
         assert reference is not None
         ref = reference.unsqueeze(1)
+        if self.channel is not None:
+            check_channel(cands, self.channel)
+            c = self.channel % cands.shape[3]
+            cands, ref = cands[:, :, :, c : c + 1], ref[:, :, :, c : c + 1]
         total = torch.zeros(cands.shape[:2], dtype=torch.float32, device=cands.device)
         for tau in self.thresholds:
             p = cands >= tau
@@ -75,19 +87,93 @@ class CSIScorer(Scorer):
 
 
 class NegMSEScorer(Scorer):
-    """-MSE against the reference over (T, C, H, W)."""
+    """-MSE against the reference over (T, C, H, W).
+
+    The search hands physical fields, so by default (no option set) the channels are pooled in
+    their own units: with several variables (z500 in m² s⁻², t850 in K) the largest-unit one
+    decides the ranking alone. Two options weigh the channels instead; the score is then
+    ``-mean over channels of w_c · MSE_c`` (the plain -MSE when every ``w_c`` is 1):
+
+    Args:
+        normalize: divide each channel's MSE by its variance ``std_c²`` over the training targets
+            that ``fit`` is given (``BeamSearchAugmentation`` calls it at every fit start with up
+            to ``fit_windows`` training targets, so the std approximates the datamodule's
+            normalization std), so the score is the MSE in normalized units and every variable
+            counts alike. Only with ``normalize`` does the scorer have a ``fit``, so by default
+            nothing loads training data for it.
+        channel_weights: one weight ``w_c >= 0`` per channel (multiplied with ``1 / std_c²`` under
+            ``normalize``), e.g. to favour the variables the forecast is judged on.
+
+    Under either option the score (and so a search ``margin`` or a ``WeightedScorer`` weight) is
+    in these weighted units, not physical ones. One channel, no options: unchanged.
+    """
 
     requires_reference = True
 
-    def __init__(self) -> None:
-        pass
+    def __init__(self, normalize: bool = False, channel_weights: list[float] | None = None) -> None:
+        if channel_weights is not None:
+            if len(channel_weights) == 0 or any(w < 0 for w in channel_weights):
+                raise ValueError(
+                    f"channel_weights must be non-empty and >= 0, got {channel_weights}"
+                )
+            if not any(w > 0 for w in channel_weights):
+                raise ValueError("channel_weights: at least one weight must be positive")
+        self.normalize = bool(normalize)
+        self.channel_weights = (
+            None if channel_weights is None else [float(w) for w in channel_weights]
+        )
+        self.channel_std: Tensor | None = None
+
+    @property
+    def fit(self) -> Callable[[Tensor], NegMSEScorer] | None:
+        """``fit(fields)`` under ``normalize`` (callers test ``callable(getattr(s, "fit"))``),
+        else ``None``: the default scorer needs no training data."""
+        return self._fit if self.normalize else None
+
+    def _fit(self, fields: Tensor) -> NegMSEScorer:
+        """Store the per-channel std of training targets ``(N, T, C, H, W)``; returns self."""
+        if fields.dim() != 5:
+            raise ValueError(f"fit fields must be (N, T, C, H, W), got {tuple(fields.shape)}")
+        std = fields.double().transpose(0, 2).reshape(fields.shape[2], -1).std(dim=1)
+        if not bool(torch.isfinite(std).all()) or bool((std <= 0).any()):
+            raise ValueError(f"NegMSEScorer.fit: a channel has no spread (std {std.tolist()})")
+        self.channel_std = std.float().cpu()
+        return self
+
+    def _weights(self, channels: int) -> Tensor | None:
+        """Per-channel weights ``(C,)``, or ``None`` for the plain -MSE."""
+        if not self.normalize and self.channel_weights is None:
+            return None
+        w = torch.ones(channels, dtype=torch.float64)
+        if self.channel_weights is not None:
+            if len(self.channel_weights) != channels:
+                raise ValueError(
+                    f"channel_weights has {len(self.channel_weights)} weights for {channels} "
+                    "channels"
+                )
+            w = w * torch.tensor(self.channel_weights, dtype=torch.float64)
+        if self.normalize:
+            if self.channel_std is None:
+                raise RuntimeError("NegMSEScorer(normalize=True).fit(fields) must run first")
+            if self.channel_std.numel() != channels:
+                raise ValueError(
+                    f"fitted on {self.channel_std.numel()} channels, scoring {channels}"
+                )
+            w = w / self.channel_std.double().square()
+        return w
 
     def __call__(
         self, cands: Tensor, reference: Tensor | None = None, *, inputs: Tensor | None = None
     ) -> Tensor:
         self._check(cands, reference, inputs)
         assert reference is not None
-        return -reduce((cands - reference.unsqueeze(1)).square(), "b k ... -> b k", "mean")
+        w = self._weights(cands.shape[3])
+        if w is None:
+            return -reduce((cands - reference.unsqueeze(1)).square(), "b k ... -> b k", "mean")
+        per_channel = reduce(
+            (cands - reference.unsqueeze(1)).square(), "b k t c h w -> b k c", "mean"
+        )
+        return -(per_channel * w.to(per_channel)).mean(-1)
 
 
 class SSIMScorer(Scorer):
@@ -121,7 +207,9 @@ class SSIMScorer(Scorer):
 
 class WeightedScorer(Scorer):
     """sum_i weight_i * scorer_i. The parts' scales differ (CSI in [0, 1], -MSE in physical
-    units squared), so the weights also set the units; ``fit`` forwards to parts that have one."""
+    units squared, or normalized with ``NegMSEScorer(normalize=True)``, which keeps one
+    variable's units from deciding), so the weights also set the units; ``fit`` forwards to
+    parts that have one."""
 
     def __init__(self, scorers: list[Scorer], weights: list[float]) -> None:
         if len(scorers) == 0:
