@@ -8,9 +8,12 @@ W&B runs offline unless the environment says otherwise (``WANDB_MODE=online`` to
 ``WANDB_MODE=disabled`` to turn it off); nothing here touches the network by default, and an online
 run that cannot start falls back to an offline one (``beamvq.wandb_start``).
 
-``--ckpt_path`` is checked before anything is built (``beamvq.checkpointing.check_ckpt_path``):
-the file must exist and hold the configured backbone and bottleneck classes; the configured model
-arguments are kept (LightningCLI would replace them by the checkpoint's). The optimizer is
+``--ckpt_path`` is checked before any work (``beamvq.checkpointing``): ``validate``, ``test`` and
+``predict`` need one (they would run random weights), ``--weights_only false`` is refused, the file
+(``last`` resolved here to the newest ``last*.ckpt`` of the checkpoint folders) must read as data
+and hold the configured backbone and bottleneck classes; the configured model arguments are kept
+(LightningCLI would replace them by the checkpoint's). The console prints such refusals as one
+line (exit status 2). The optimizer is
 ``model.optimizer`` (``beamvq.optim``); LightningCLI's top-level ``optimizer:`` and
 ``lr_scheduler:`` keys are off, since they would bypass the Surge rule and parameter groups.
 
@@ -29,14 +32,21 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.accelerators import CPUAccelerator
-from pytorch_lightning.callbacks import ProgressBar, RichProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.plugins.io import CheckpointIO, TorchCheckpointIO
 from pytorch_lightning.strategies import ParallelStrategy
+from pytorch_lightning.utilities import rank_zero_warn
 
 import beamvq.quant  # noqa: F401  (registers the precision strategies by name)
+from beamvq.callbacks.last_checkpoint import (
+    LastCheckpoint,
+    after_model_checkpoints,
+    find_last_checkpoint,
+    last_checkpoint_dirs,
+)
 from beamvq.checkpoint_io import AtomicCheckpointIO
-from beamvq.checkpointing import check_ckpt_path
+from beamvq.checkpointing import CheckpointRefused, Refusal, check_ckpt_options, check_ckpt_path
 from beamvq.module import ForecastModule
 from beamvq.packaged_configs import configs_command, resolve_config_arguments, version_string
 from beamvq.wandb_start import finish_wandb, start_wandb
@@ -84,9 +94,39 @@ class BeamVQCLI(LightningCLI):
         sub = self.config.get("subcommand")
         if not sub:
             return
-        model = self.config[sub].get("model")
-        configured = model.as_dict() if hasattr(model, "as_dict") else dict(model or {})
-        check_ckpt_path(self.config[sub].get("ckpt_path"), configured)
+        section = self.config[sub]
+        check_ckpt_options(sub, section.get("ckpt_path"), section.get("weights_only"))
+        check_ckpt_path(section.get("ckpt_path"), self._configured_model())
+
+    def _configured_model(self) -> dict[str, Any]:
+        model = self.config[self.config["subcommand"]].get("model")
+        return model.as_dict() if hasattr(model, "as_dict") else dict(model or {})
+
+    def _resolve_last(self) -> None:
+        """``--ckpt_path last``: the newest ``last*.ckpt`` of the checkpoint folders, checked like
+        an explicit path; none is a new fit for ``fit`` and a refusal for the others. Every
+        checkpoint then loads with ``weights_only=True`` (the default of torch >= 2.6 only)."""
+        sub = str(self.subcommand)
+        section = self.config_init[sub]
+        if "weights_only" in section:
+            section["weights_only"] = True
+        if section.get("ckpt_path") != "last":
+            return
+        found = find_last_checkpoint(self.trainer)
+        if found is None:
+            where = ", ".join(last_checkpoint_dirs(self.trainer)) or "(no checkpoint callback)"
+            if sub != "fit":
+                raise CheckpointRefused(
+                    f"beamvq {sub} --ckpt_path last: no checkpoint last*.ckpt in {where}: it "
+                    "would run a randomly initialised model. Train first (beamvq fit with this "
+                    "configuration) or give --ckpt_path PATH."
+                )
+            log.warning("--ckpt_path last: no last*.ckpt in %s: a new fit starts", where)
+            section["ckpt_path"] = None
+            return
+        check_ckpt_path(found, self._configured_model())
+        log.info("--ckpt_path last: %s", found)
+        section["ckpt_path"] = found
 
     def _trainer_config(self, key: str) -> Any:
         """``key`` of the instantiated ``trainer`` section (top level when ``run=False``)."""
@@ -94,6 +134,7 @@ class BeamVQCLI(LightningCLI):
         return (config.get("trainer") or {}).get(key)
 
     def _before(self) -> None:
+        self._resolve_last()
         self._check_data_only()
         start_wandb(self.trainer)
 
@@ -109,6 +150,9 @@ class BeamVQCLI(LightningCLI):
         ):
             kwargs["callbacks"] = [*given, RichProgressBar()]
         trainer = super().instantiate_trainer(**kwargs)
+        # LastCheckpoint after every ModelCheckpoint: trainer.checkpoint_callback (the first)
+        # stays the ModelCheckpoint that ckpt_path "best" reads
+        trainer.callbacks = after_model_checkpoints(trainer.callbacks)
         plugins = setting("plugins")
         chosen = plugins if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in chosen):
@@ -118,6 +162,7 @@ class BeamVQCLI(LightningCLI):
         return trainer
 
     def before_fit(self) -> None:
+        warn_if_last_follows_the_monitor(self.trainer)
         self._before()
 
     def before_validate(self) -> None:
@@ -128,6 +173,22 @@ class BeamVQCLI(LightningCLI):
 
     def before_predict(self) -> None:
         self._before()
+
+
+def warn_if_last_follows_the_monitor(trainer: pl.Trainer) -> None:
+    """One warning when ``last.ckpt`` would be rewritten only in epochs that improve a monitor:
+    ``ModelCheckpoint(monitor=..., save_last=True)`` without a ``LastCheckpoint``."""
+    if any(isinstance(cb, LastCheckpoint) for cb in trainer.callbacks):
+        return
+    for cb in trainer.callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.monitor:
+            rank_zero_warn(
+                f"ModelCheckpoint(monitor={cb.monitor}, save_last={cb.save_last}) rewrites "
+                f"last.ckpt only in epochs that improve {cb.monitor}: add "
+                "'- class_path: beamvq.callbacks.last_checkpoint.LastCheckpoint' to "
+                "trainer.callbacks and set save_last: false to keep every epoch's end"
+            )
+            return
 
 
 def use_atomic_checkpoints(trainer: pl.Trainer) -> None:
@@ -253,4 +314,8 @@ def console_main() -> None:
         sys.exit(importing_command(argv[1:]))
     # LightningCLI reads sys.argv itself: rewrite it in place rather than passing args=
     sys.argv[1:] = resolve_config_arguments(argv)
-    main()
+    try:
+        main()
+    except Refusal as err:  # an argument refused before any work: its message, no traceback
+        sys.stderr.write(f"beamvq: error: {err}\n")
+        sys.exit(2)

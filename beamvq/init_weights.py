@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 
 from beamvq.checkpointing import data_identity, model_identity, weight_differences
+from beamvq.checkpointing import read_checkpoint as read_safely
 from beamvq.normalization import upgrade_legacy_keys
 
 log = logging.getLogger(__name__)
@@ -32,21 +31,9 @@ FRESH_IDENTITY = ("bottleneck", "codebook_shape")
 
 
 def read_checkpoint(path: str) -> Mapping[str, Any]:
-    """The checkpoint at ``path`` (safe loading only), or one message naming the file."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"model.init_from: checkpoint file not found: {path}")
-    try:
-        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises EOFError, UnpicklingError, RuntimeError, ...
-        raise ValueError(
-            f"model.init_from: {path} is not a readable beamvq checkpoint ({type(err).__name__})"
-        ) from None
-    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
-        raise ValueError(
-            f"model.init_from: {path} holds no state_dict (not a Lightning checkpoint)"
-        )
-    return checkpoint
+    """The checkpoint at ``path`` (safe loading only), or one message naming the file and what is
+    wrong (``beamvq.checkpointing.read_checkpoint``)."""
+    return read_safely(path, "model.init_from")
 
 
 def init_problems(

@@ -146,8 +146,8 @@ def load_rows(paths: Iterable[Path]) -> list[dict]:
 
 def checkpoint_facts(ckpt_dir: Path) -> dict:
     """The best epoch, its validation loss and the model-state sizes (by top-level part) of
-    ``best.ckpt``. (Not ``last.ckpt``: with pytorch-lightning 2.6 it is rewritten only in epochs
-    that improve the monitor, so the epochs trained come from ``metrics.csv``.)"""
+    ``best.ckpt``; the epochs trained come from ``metrics.csv`` (``logged_facts``), which also
+    holds configs whose ``last.ckpt`` is Lightning's (rewritten only when the monitor improves)."""
     best = ckpt_dir / "best.ckpt"
     if not best.is_file():
         return {}

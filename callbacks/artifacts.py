@@ -1,7 +1,8 @@
 """Checkpoints and prediction files as W&B artifacts, only when the run uploads.
 
 At the end of ``fit`` the best and last checkpoints of every ``ModelCheckpoint`` (its public
-``best_model_path``, ``last_model_path``, ``best_model_score``, ``monitor``) become one artifact
+``best_model_path``, ``last_model_path``, ``best_model_score``, ``monitor``) and the
+``last.ckpt`` of a ``LastCheckpoint`` become one artifact
 of type ``model``; at the end of ``predict`` the files of every ``NetCDFPredictionWriter`` (its
 public ``output_path``) one of type ``predictions``. An offline run cannot upload them: it is
 skipped with a log line and the files stay where the checkpoint callback and the writer put them.
@@ -17,6 +18,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 
 from beamvq.callbacks import wandb_media
+from beamvq.callbacks.last_checkpoint import LastCheckpoint
 from beamvq.callbacks.prediction_writer import NetCDFPredictionWriter
 
 
@@ -25,6 +27,8 @@ def checkpoint_files(trainer: pl.Trainer) -> tuple[list[Path], dict[str, float]]
     their best scores (``{"best <monitor>": score}``)."""
     files, meta = [], {}
     for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, LastCheckpoint):  # last.ckpt of every epoch (beamvq.callbacks)
+            files += [Path(cb.last_model_path)] if cb.last_model_path else []
         if not isinstance(cb, ModelCheckpoint):
             continue
         files += [Path(p) for p in (cb.best_model_path, cb.last_model_path) if p]
