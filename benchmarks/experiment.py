@@ -292,7 +292,15 @@ def scarcity_table(rows: list[dict], title: str) -> str:
     return "\n".join(lines)
 
 
-ARM_METRICS = ("mse", "mse_lead1", "mse_lead8", "crps", "spread_skill")
+ARM_METRICS = ("mse", "mse_lead1", "mse_lead8", "mae", "crps", "spread_skill")
+# the fit's last logged value (metrics.csv): code-bank health, the pool's share of the
+# learning-rate-weighted training signal, the search's cost in training epochs
+HEALTH = {
+    "val perplexity": "codebook/val_perplexity",
+    "dead codes": "codebook/val_dead_fraction",
+    "pool signal": "augment/pool_signal_share",
+    "search/epoch": "augment/search_to_train",
+}
 
 
 def arms_table(rows: list[dict], title: str) -> str:
@@ -308,8 +316,8 @@ def arms_table(rows: list[dict], title: str) -> str:
         out += [
             f"### {title}: {n} labelled + {m} unlabelled trajectories",
             "",
-            f"| arm | seeds | {head} | MSE vs base (paired) | state numel |",
-            "|---|---|" + "---|" * len(ARM_METRICS) + "---|---|",
+            f"| arm | seeds | {head} | MSE vs base (paired) | {' | '.join(HEALTH)} | state numel |",
+            "|---|---|" + "---|" * (len(ARM_METRICS) + len(HEALTH)) + "---|---|",
         ]
         for arm in arms:
             rs = [r for r in level if r["arm"] == arm]
@@ -320,8 +328,11 @@ def arms_table(rows: list[dict], title: str) -> str:
             change = "–" if arm == "base" or not paired else (
                 f"{statistics.fmean(paired):+.1%} ({sum(p < 0 for p in paired)}/{len(paired)} better)"
             )  # fmt: skip
+            health = [_mean_sd([r["last_logged"][k] for r in rs if k in r.get("last_logged", {})])
+                      for k in HEALTH.values()]  # fmt: skip
             params = sum(rs[0].get("state_numel", {}).values())
-            out.append(f"| {arm} | {len(rs)} | {' | '.join(cells)} | {change} | {params:,} |")
+            out.append(f"| {arm} | {len(rs)} | {' | '.join(cells)} | {change} | "
+                       f"{' | '.join(health)} | {params:,} |")  # fmt: skip
         out.append("")
     return "\n".join(out)
 
