@@ -6,10 +6,10 @@ kept by a domain score, and combines the best trajectories into a pseudo-target 
 The papers leave beam width, score accumulation and the ensemble rule open; beamvq's choices:
 
 - A rollout of ``rollout_steps`` steps of ``T_out`` frames each. At step s every surviving beam
-  (its last ``T_in`` frames: input frames followed by predicted ones) is expanded by ONE call of
-  ``step_fn`` with beams folded into the batch; the ``beams x K`` partial trajectories are scored
-  and the best ``beam_width`` survive (stable sort: ties go to the earlier beam and the nearer
-  code). At step 0 there is one beam per sample.
+  (its last ``T_in`` frames: input frames followed by predicted ones) is expanded by ``step_fn``
+  with beams folded into the batch (one call per step; on CPU calls of bounded size, below); the
+  ``beams x K`` partial trajectories are scored and the best ``beam_width`` survive (stable sort:
+  ties go to the earlier beam and the nearer code). At step 0 there is one beam per sample.
 - The last step keeps the best ``top_k`` of all final expansions (``top_k`` may exceed
   ``beam_width``, up to ``beams x K``), so ``rollout_steps = 1`` is exactly the single-shot top-k
   filter of the K candidates, and a beam at least ``K^(steps-1)`` wide is exhaustive.
@@ -18,6 +18,12 @@ The papers leave beam width, score accumulation and the ensemble rule open; beam
   score, so scores stay comparable across horizons and to single-shot scores, and the softmax
   temperature of the weighted ensemble need not change with ``rollout_steps``.
 - NaN scores rank below every finite score (treated as -inf).
+- On CPU the folded windows of a step go to ``step_fn`` in near-equal calls of at most
+  ``CPU_CALL_ELEMENTS`` window values (``max_call_elements``). One call over every beam of every
+  input made activations of hundreds of MB that were page-faulted in afresh on every call and
+  streamed from DRAM: at 16 inputs per call that search ran at 0.66-0.80x the speed of a per-beam
+  loop (docs/results.md, search cost). Every operation is per window, so the split changes
+  nothing beyond the floating-point effects of the batch size on ``step_fn``.
 - ``ensemble``: plain mean, softmax(scores / temperature)-weighted mean of the kept trajectories,
   or ``"standardized"``: softmax(z / temperature) with z the scores standardized per sample over
   the kept trajectories ((s - mean) / std). Raw scores depend on the scorer's units: -MSE of two
@@ -50,7 +56,15 @@ __all__ = [
     "ensemble_weights",
     "ensemble",
     "select_improving",
+    "CPU_CALL_ELEMENTS",
+    "windows_per_call",
 ]
+
+#: Window values (N x T_in x C x H x W) per ``step_fn`` call of a search on CPU: 16 windows of the
+#: overhead benchmark's 10 frames of 32x32 (64 candidate forecasts of a K = 4 SimVP), the most
+#: that ran without page faults; 24 and more page-faulted their activations on every call
+#: (``benchmarks/overhead.py``, docs/results.md, search cost).
+CPU_CALL_ELEMENTS = 160 * 1024
 
 ACCUMULATE_MODES = ("mean", "sum")
 
@@ -133,6 +147,32 @@ def _score_folded(
     return torch.nan_to_num(score.float(), nan=float("-inf"), posinf=float("inf"))
 
 
+def windows_per_call(window: Tensor, max_call_elements: int | str | None = "auto") -> int | None:
+    """The most windows like ``window (N, T_in, C, H, W)`` to fold into one ``step_fn`` call:
+    ``None`` (no limit) when ``max_call_elements`` is None, or "auto" off the CPU; otherwise
+    ``max_call_elements`` ("auto": ``CPU_CALL_ELEMENTS``) over one window's values, at least 1."""
+    if max_call_elements == "auto":
+        if window.device.type != "cpu":
+            return None
+        max_call_elements = CPU_CALL_ELEMENTS
+    if max_call_elements is None:
+        return None
+    if isinstance(max_call_elements, str) or int(max_call_elements) < 1:
+        raise ValueError(
+            f"max_call_elements must be >= 1, None or 'auto', got {max_call_elements!r}"
+        )
+    return max(1, int(max_call_elements) // max(1, window[:1].numel()))
+
+
+def _expand(step_fn: Callable[[Tensor], Tensor], flat: Tensor, per_call: int | None) -> Tensor:
+    """``step_fn`` over windows ``flat (N, ...)`` in ``ceil(N / per_call)`` near-equal calls."""
+    n = flat.shape[0]
+    if per_call is None or n <= per_call:
+        return _check_candidates(step_fn(flat), flat)
+    parts = flat.tensor_split(-(-n // per_call))
+    return torch.cat([_check_candidates(step_fn(part), part) for part in parts])
+
+
 def _check_candidates(cands: Tensor, flat: Tensor) -> Tensor:
     """``step_fn``'s output for windows ``flat (N, T_in, C, H, W)``, checked."""
     if cands.dim() != 6 or cands.shape[0] != flat.shape[0] or cands.shape[3:] != flat.shape[2:]:
@@ -164,6 +204,7 @@ def beam_search(
     reference: Tensor | None = None,
     to_physical: Callable[[Tensor], Tensor] | None = None,
     accumulate: str = "mean",
+    max_call_elements: int | str | None = "auto",
 ) -> BeamResult:
     """Beam search over ``rollout_steps`` autoregressive steps of a K-candidate forecaster.
 
@@ -172,9 +213,12 @@ def beam_search(
     reference, inputs=window) -> (B', K)``, higher is better, on physical fields. reference:
     (B, rollout_steps*T_out, C, H, W) physical, or None for reference-free scorers.
     to_physical: model space -> physical, acting on (..., C, H, W) (identity if None).
+    max_call_elements: window values per ``step_fn`` call (see ``windows_per_call``): "auto"
+    bounds calls on CPU only, None folds every beam of every input into one call per step.
     Returns the best ``top_k`` trajectories (model space) with their scores, best first.
     """
     _check_common(x, scorer, rollout_steps, reference, accumulate)
+    per_call = windows_per_call(x, max_call_elements)
     if beam_width < 1 or top_k < 1:
         raise ValueError(f"beam_width and top_k must be >= 1, got {beam_width} and {top_k}")
     phys = to_physical or _identity
@@ -190,7 +234,7 @@ def beam_search(
     for step in range(rollout_steps):
         n_beams = windows.shape[1]
         flat = rearrange(windows, "b n t c h w -> (b n) t c h w")
-        cands = _check_candidates(step_fn(flat), flat)
+        cands = _expand(step_fn, flat, per_call)
         k, t_out = cands.shape[1:3]
         if step == 0:
             _check_reference(reference, x, rollout_steps * t_out)

@@ -6,7 +6,8 @@ combined into one pseudo-target (self-ensemble); a pseudo-target is accepted whe
 and, with ``only_improving``, when its score beats the plain (nearest-code) forecast's by more
 than ``margin`` (the filter of the papers' "metric-driven" selection). The search, scoring and
 ensemble rules are those of ``beamvq.search``; this module chains them, in chunks of inputs
-(memory grows with inputs × beams × K forecasts per call), for two callers:
+(memory grows with inputs × beams × K forecasts per call; on CPU the model calls
+within one are bounded, ``beamvq.search.CPU_CALL_ELEMENTS``), for two callers:
 
 - ``self_train_step``: ``beamvq.callbacks.beam_search.BeamSearchAugmentation`` (pseudo-targets for
   the augmented pool);
@@ -176,7 +177,10 @@ def _self_train_call(
         reference=reference, to_physical=to_physical, accumulate=config.accumulate,
     )  # fmt: skip
     ens = search.ensemble(res.trajectories, res.scores, config.ensemble, config.temperature)
-    plain = forecast(x, steps)
+    # the plain forecast in calls of the size the search bounds its step calls to (on CPU)
+    per_call = search.windows_per_call(x) or x.shape[0]
+    parts = x.tensor_split(-(-x.shape[0] // per_call))
+    plain = torch.cat([forecast(part, steps) for part in parts])
     # the ensemble and the plain forecast are scored step by step exactly as the search scores
     scored = search.score_trajectories(
         scorer, x, torch.stack([ens, plain], dim=1), steps,

@@ -11,15 +11,19 @@
    epoch of the same model over every training window, both as the callback itself records them
    (``augment/search_seconds`` and ``augment/train_seconds``).
 3. **Batched vs per-beam search**: ``beamvq.search.beam_search`` (beams x candidates folded into
-   one forward per step) against the same search with a Python loop over beams (one forward per
-   beam, batched over samples), on the same model and inputs; the results are checked equal.
+   the step calls, which on CPU are bounded to ``search.CPU_CALL_ELEMENTS`` window values each)
+   against the same search unbounded (one call per step over every beam of every input: the
+   search before the bound) and with a Python loop over beams (one call per beam, batched over
+   the call's inputs), at 4, 16 and 64 inputs per call (``--search-per-call``) over the same
+   ``--search-inputs`` inputs, interleaved per round; the results are checked equal.
 
 Setting (benchmarks/beamvq_gain.py's protocol): generated Navier-Stokes 32x32, 10 -> 2 x 5
 frames, 64 training trajectories, ``--backbone`` (SimVP-v2, the quickstart's) with the VQ
 bottleneck and candidate loss, batch 16, one torch thread (``--threads``).
 
-Usage: ``python benchmarks/overhead.py [--backbone simvp] [--batches 12] [--rounds 3]``
-(about three minutes on 2 CPU cores).
+Usage: ``python benchmarks/overhead.py [--backbone simvp] [--batches 12] [--rounds 3]
+[--parts lightning,epoch,search]`` (about ten minutes on 2 quiet CPU cores; ``--parts search``
+runs the third part alone).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import pytorch_lightning as pl
 import torch
@@ -176,11 +181,28 @@ def looped_beam_search(
     return search.BeamResult(traj, sums / rollout_steps, empty, empty)
 
 
+KINDS = ("batched", "unbounded", "looped")
+
+
+class SearchTimes(NamedTuple):
+    """Seconds of one search of all inputs at ``per_call`` inputs per call, per round and kind:
+    ``batched`` (``beam_search`` as shipped: beams x candidates folded, step calls bounded on
+    CPU), ``unbounded`` (``max_call_elements=None``: one step call over every beam of every
+    input, the search before the bound) and ``looped`` (one call per beam). ``wall``: wall time;
+    ``cpu``: the process's CPU time (user + system, page faults included), which on shared cores
+    leaves out the time spent waiting for one."""
+
+    per_call: int
+    wall: dict[str, list[float]]
+    cpu: dict[str, list[float]]
+
+
 def batched_vs_looped(
-    name: str, p: Protocol, data_dir: Path, n: int, repeats: int, chunk: int
-) -> tuple[float, float, float, bool]:
-    """Median seconds of one search of ``n`` inputs: batched in one call, batched ``chunk``
-    inputs per call (the callback's ``search_batch_size``), and looped over beams."""
+    name: str, p: Protocol, data_dir: Path, n: int, repeats: int, per_call: Sequence[int]
+) -> tuple[list[SearchTimes], bool]:
+    """One search of ``n`` inputs per round at each number of inputs per call; the three kinds
+    are interleaved call by call in a rotating order (so a change of load hits all three), and
+    whether all results agree (trajectories to 1e-4)."""
     dm, module = prepared(name, p, data_dir)
     # one training step initializes the code bank (k-means) so the K candidates differ
     _, x, y = dm.training_windows(max_windows=n, seed=0)
@@ -189,38 +211,83 @@ def batched_vs_looped(
     module.eval()
     xn = module.normalize(x)
     step_fn, scorer = module.search_step_fn(), metrics.NegMSEScorer()
-    times: dict[str, list[float]] = {"batched": [], "chunked": [], "looped": []}
+    steps, phys = p.rollout_steps, module.denormalize
+
+    def batched(xc: Tensor, yc: Tensor, bound: str | None) -> search.BeamResult:
+        return search.beam_search(
+            step_fn, xc, scorer, steps, 4, 2, reference=yc, to_physical=phys,
+            max_call_elements=bound,
+        )  # fmt: skip
+
+    runs: dict[str, Callable[[Tensor, Tensor], search.BeamResult]] = {
+        "batched": lambda xc, yc: batched(xc, yc, "auto"),
+        "unbounded": lambda xc, yc: batched(xc, yc, None),
+        "looped": lambda xc, yc: looped_beam_search(step_fn, xc, scorer, steps, 4, 2, yc, phys),
+    }
+    out = [SearchTimes(c, {k: [] for k in KINDS}, {k: [] for k in KINDS}) for c in per_call]
+    trajectories: list[Tensor] = []
+    turn = 0
     with torch.no_grad():
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            a = search.beam_search(
-                step_fn, xn, scorer, p.rollout_steps, 4, 2, reference=y,
-                to_physical=module.denormalize,
-            )  # fmt: skip
-            t1 = time.perf_counter()
-            b = looped_beam_search(
-                step_fn, xn, scorer, p.rollout_steps, 4, 2, y, module.denormalize
-            )
-            t2 = time.perf_counter()
-            parts = [
-                search.beam_search(
-                    step_fn, xc, scorer, p.rollout_steps, 4, 2, reference=yc,
-                    to_physical=module.denormalize,
-                )
-                for xc, yc in zip(xn.split(chunk), y.split(chunk))
-            ]  # fmt: skip
-            t3 = time.perf_counter()
-            times["batched"].append(t1 - t0)
-            times["looped"].append(t2 - t1)
-            times["chunked"].append(t3 - t2)
-    c = torch.cat([r.trajectories for r in parts])
-    same = (
-        torch.allclose(a.trajectories, b.trajectories, atol=1e-4)
-        and torch.allclose(a.scores, b.scores, rtol=1e-4, atol=1e-6)
-        and torch.allclose(a.trajectories, c, atol=1e-4)
+        for r in range(repeats):
+            for rec in out:
+                wall, cpu = dict.fromkeys(KINDS, 0.0), dict.fromkeys(KINDS, 0.0)
+                kept: dict[str, list[Tensor]] = {k: [] for k in KINDS}
+                for xc, yc in zip(xn.split(rec.per_call), y.split(rec.per_call)):
+                    turn += 1
+                    for kind in KINDS[turn % 3 :] + KINDS[: turn % 3]:
+                        t0, c0 = time.perf_counter(), time.process_time()
+                        res = runs[kind](xc, yc)
+                        wall[kind] += time.perf_counter() - t0
+                        cpu[kind] += time.process_time() - c0
+                        kept[kind].append(res.trajectories)
+                for kind in KINDS:
+                    rec.wall[kind].append(wall[kind])
+                    rec.cpu[kind].append(cpu[kind])
+                    if r == 0:
+                        trajectories.append(torch.cat(kept[kind]))
+    same = all(torch.allclose(trajectories[0], t, atol=1e-4) for t in trajectories[1:])
+    return out, same
+
+
+def _ratio(times: dict[str, list[float]], over: str) -> str:
+    """Median (min, max) over rounds of the paired ratio looped / ``over``."""
+    r = [a / b for a, b in zip(times["looped"], times[over])]
+    return f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})"
+
+
+def search_table(args: argparse.Namespace, p: Protocol, data_dir: Path) -> bool:
+    """Part 3, printed as a table; whether every search gave the same results."""
+    per_call = [int(c) for c in args.search_per_call.split(",")]
+    searches, same = batched_vs_looped(
+        args.backbone, p, data_dir, args.search_inputs, args.rounds, per_call
     )
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return med["batched"], med["chunked"], med["looped"], same
+    print(
+        f"\n### Beam search of {args.search_inputs} inputs (beam 4, K 4, top-2, "
+        f"{p.rollout_steps} steps), {args.rounds} rounds\n\n"
+        "Seconds: median over rounds of CPU time (wall time). Speed of the batched search over "
+        "the per-beam loop: loop / batched time, median (range) of the per-round ratios.\n"
+    )
+    print(
+        "| inputs per call | batched, s | unbounded, s | per-beam loop, s "
+        "| loop / batched (CPU) | loop / batched (wall) | loop / unbounded (CPU) |\n"
+        "|---|---|---|---|---|---|---|"
+    )
+    for rec in searches:
+        cells = [
+            f"{statistics.median(rec.cpu[k]):.2f} ({statistics.median(rec.wall[k]):.2f})"
+            for k in KINDS
+        ]
+        print(
+            f"| {rec.per_call} | {' | '.join(cells)} | {_ratio(rec.cpu, 'batched')} "
+            f"| {_ratio(rec.wall, 'batched')} | {_ratio(rec.cpu, 'unbounded')} |"
+        )
+    print(
+        f"\nResults of all searches equal (trajectories to 1e-4): {same}. 'batched': "
+        "beamvq.search.beam_search as shipped (step calls of at most "
+        f"{search.CPU_CALL_ELEMENTS} window values on CPU); 'unbounded': the same with "
+        "max_call_elements=None (one call per step, the search before the bound)."
+    )
+    return same
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -229,9 +296,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=12, help="timed batches per round")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--search-inputs", type=int, default=16)
-    parser.add_argument("--search-chunk", type=int, default=4, help="inputs per call, chunked")
+    parser.add_argument("--search-inputs", type=int, default=64, help="inputs searched")
+    parser.add_argument(
+        "--search-per-call", default="4,16,64", help="inputs per search call, comma-separated"
+    )
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--parts", default="lightning,epoch,search", help="which measurements, comma-separated"
+    )
     parser.add_argument("--data-dir", default=str(ROOT / "data" / "bench"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -241,32 +313,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     p = replace(Protocol(), train_batches=args.batches + args.warmup)
     data_dir = Path(args.data_dir)
-    light, bare = [], []
-    for _ in range(args.rounds):
-        light.append(lightning_throughput(args.backbone, p, data_dir, args.batches, args.warmup))
-        bare.append(bare_throughput(args.backbone, p, data_dir, args.batches, args.warmup))
-    lm, bm = statistics.median(light), statistics.median(bare)
-    s_sec, e_sec, n_win = search_vs_epoch(args.backbone, p, data_dir)
-    tb, tc, tl, same = batched_vs_looped(
-        args.backbone, p, data_dir, args.search_inputs, args.rounds, args.search_chunk
-    )
+    parts = set(args.parts.split(","))
+    if not parts <= {"lightning", "epoch", "search"}:
+        parser.error(f"--parts: lightning, epoch, search; got {args.parts}")
     print(
         f"## Overhead ({args.backbone} + VQ, Navier-Stokes 32x32, 10 -> 2x5, batch {p.batch_size})\n"
     )
-    print("| measurement | value |\n|---|---|")
-    print(f"| bare PyTorch loop, samples/s (median of {args.rounds}) | {bm:.2f} "
-          f"({', '.join(f'{v:.2f}' for v in bare)}) |")  # fmt: skip
-    print(f"| Lightning Trainer, samples/s (median of {args.rounds}) | {lm:.2f} "
-          f"({', '.join(f'{v:.2f}' for v in light)}) |")  # fmt: skip
-    print(f"| Lightning / bare throughput | {lm / bm:.3f} ({100 * (lm / bm - 1):+.1f}%) |")
-    print(f"| one augmentation (defaults: 64 windows, beam 4, K 4, top-2), s | {s_sec:.1f} |")
-    print(f"| one training epoch ({n_win} windows), s | {e_sec:.1f} |")
-    print(f"| augmentation / epoch | {s_sec / e_sec:.3f} |")
-    print(f"| beam search of {args.search_inputs} inputs, batched, s | {tb:.2f} |")
-    print(f"| same search, batched {args.search_chunk} inputs per call, s | {tc:.2f} |")
-    print(f"| same search, Python loop over beams, s | {tl:.2f} |")
-    print(f"| looped / batched | {tl / tb:.2f}x (results equal: {same}) |")
-    print(f"| looped / batched in chunks of {args.search_chunk} | {tl / tc:.2f}x |")
+    same = True
+    if "lightning" in parts:
+        light, bare = [], []
+        for _ in range(args.rounds):
+            light.append(
+                lightning_throughput(args.backbone, p, data_dir, args.batches, args.warmup)
+            )
+            bare.append(bare_throughput(args.backbone, p, data_dir, args.batches, args.warmup))
+        lm, bm = statistics.median(light), statistics.median(bare)
+    if parts & {"lightning", "epoch"}:
+        print("| measurement | value |\n|---|---|")
+    if "lightning" in parts:
+        print(f"| bare PyTorch loop, samples/s (median of {args.rounds}) | {bm:.2f} "
+              f"({', '.join(f'{v:.2f}' for v in bare)}) |")  # fmt: skip
+        print(f"| Lightning Trainer, samples/s (median of {args.rounds}) | {lm:.2f} "
+              f"({', '.join(f'{v:.2f}' for v in light)}) |")  # fmt: skip
+        print(f"| Lightning / bare throughput | {lm / bm:.3f} ({100 * (lm / bm - 1):+.1f}%) |")
+    if "epoch" in parts:
+        s_sec, e_sec, n_win = search_vs_epoch(args.backbone, p, data_dir)
+        print(f"| one augmentation (defaults: 64 windows, beam 4, K 4, top-2), s | {s_sec:.1f} |")
+        print(f"| one training epoch ({n_win} windows), s | {e_sec:.1f} |")
+        print(f"| augmentation / epoch | {s_sec / e_sec:.3f} |")
+    if "search" in parts:
+        same = search_table(args, p, data_dir)
     print(
         f"\n{args.threads} torch thread(s), load average at the end {os.getloadavg()[0]:.1f} "
         f"on {os.cpu_count()} CPU(s), torch {torch.__version__}."

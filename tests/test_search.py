@@ -151,6 +151,32 @@ def test_one_step_fn_call_per_step_with_beams_folded():
     assert calls == [3, 3 * 3, 3 * 4, 3 * 4]  # 1 beam, then min(4, 3), then 4 per sample
 
 
+def test_bounded_step_calls_change_nothing():
+    # on CPU a step's folded windows go to step_fn in near-equal calls of at most
+    # max_call_elements window values; every result is that of one call per step
+    x, reference, scorer, step_fn = _setup(2, 2, 3, batch=5, seed=1)
+    kw = dict(beam_width=3, top_k=4, reference=reference, to_physical=to_phys)
+    whole = S.beam_search(step_fn, x, scorer, 3, max_call_elements=None, **kw)
+    calls = []
+
+    def counting(window):
+        calls.append(window.shape[0])
+        return step_fn(window)
+
+    per_window = x[0].numel()
+    split = S.beam_search(counting, x, scorer, 3, max_call_elements=4 * per_window, **kw)
+    # step 0: 5 windows -> 3 + 2; then 5 x 3 = 15 windows -> 4 calls of 4, 4, 4, 3
+    assert calls == [3, 2] + [4, 4, 4, 3] * 2
+    for a, b in zip(whole, split):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert S.windows_per_call(x, 4 * per_window) == 4
+    assert S.windows_per_call(x, 1) == 1  # never below one window
+    assert S.windows_per_call(x, None) is None
+    assert S.windows_per_call(x) == S.CPU_CALL_ELEMENTS // per_window  # "auto" on CPU
+    with pytest.raises(ValueError, match="max_call_elements"):
+        S.windows_per_call(x, 0)
+
+
 def test_sum_accumulation_ranks_like_mean():
     x, reference, scorer, step_fn = _setup(2, 2, 3, seed=3)
     kw = dict(beam_width=3, top_k=4, reference=reference, to_physical=to_phys)

@@ -172,6 +172,35 @@ def test_chunking_does_not_change_the_results(chunk: int | None) -> None:
     assert torch.equal(m_whole.scores, m_parts.scores)
 
 
+def test_model_calls_are_bounded_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the search's step calls and the plain forecast hold at most CPU_CALL_ELEMENTS window
+    # values each (4 windows here), whatever the inputs per search call; results unchanged
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(7, 3, C, H, W, generator=g)
+    reference = torch.randn(7, 4, C, H, W, generator=g)
+    step_fn, forecast = random_step(5)
+    config = SearchConfig(beam_width=2, top_k=3, rollout_steps=2)
+    whole = self_train_step(x, step_fn, forecast, M.NegMSEScorer(), config, reference)
+    monkeypatch.setattr(S, "CPU_CALL_ELEMENTS", 4 * x[0].numel())
+    steps: list[int] = []
+    plain: list[int] = []
+
+    def counting_step(window: torch.Tensor) -> torch.Tensor:
+        steps.append(window.shape[0])
+        return step_fn(window)
+
+    def counting_forecast(x: torch.Tensor, n: int) -> torch.Tensor:
+        plain.append(x.shape[0])
+        return forecast(x, n)
+
+    bounded = self_train_step(
+        x, counting_step, counting_forecast, M.NegMSEScorer(), config, reference
+    )
+    assert steps == [4, 3] + [4, 4, 3, 3] and plain == [4, 3]  # 7 windows, then 7 x 2 beams
+    for a, b in zip(whole, bounded):
+        assert torch.equal(a, b)
+
+
 def test_members_are_the_beam_search_in_physical_units() -> None:
     g = torch.Generator().manual_seed(4)
     x = torch.randn(3, 3, C, H, W, generator=g)
