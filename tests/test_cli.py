@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -47,7 +48,9 @@ def quickstart_in(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def fitted(tmp_path_factory: pytest.TempPathFactory, figures_not_rendered_within: Any) -> Path:
+    # the report callbacks hand their files to W&B as usual; matplotlib's rendering of them is
+    # skipped (conftest.py): test_reports.py renders for real and checks what the files show
     tmp_path = tmp_path_factory.mktemp("cli")
     mp = pytest.MonkeyPatch()
     mp.setenv("WANDB_MODE", "offline")
@@ -55,7 +58,8 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     mp.chdir(tmp_path)
     try:
         cfg = quickstart_in(tmp_path)
-        main(["fit", "--config", str(cfg), *TINY])
+        with figures_not_rendered_within():
+            main(["fit", "--config", str(cfg), *TINY])
         main(
             [
                 "predict",

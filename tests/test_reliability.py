@@ -367,8 +367,11 @@ def test_checkpoint_of_another_grid(trained_ckpt: Path, tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def cli_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
-    """A tiny quickstart fit through the CLI: its last.ckpt and the arguments it ran with."""
+def cli_run(
+    tmp_path_factory: pytest.TempPathFactory, figures_not_rendered_within: Any
+) -> tuple[Path, list[str]]:
+    """A tiny quickstart fit through the CLI: its last.ckpt and the arguments it ran with (the
+    report callbacks' matplotlib rendering skipped: conftest.py)."""
     tmp = tmp_path_factory.mktemp("cli")
     text = (ROOT / "configs" / "quickstart.yaml").read_text()
     text = text.replace("runs/quickstart", str(tmp / "run"))
@@ -381,7 +384,8 @@ def cli_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
         "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
         "--model.bottleneck.init_args.codebook_size", "16",
     ]  # fmt: skip
-    main(["fit", *args])
+    with figures_not_rendered_within():
+        main(["fit", *args])
     return tmp / "run" / "checkpoints" / "last.ckpt", args
 
 
@@ -476,7 +480,10 @@ def test_wandb_that_cannot_start_falls_back_to_offline(
 
 
 def test_cli_fit_goes_on_offline_when_wandb_is_unreachable(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    figures_not_rendered: list[Path],  # the W&B start-up is the subject, not the figures
 ) -> None:
     import wandb
 

@@ -134,7 +134,7 @@ def quickstart_for_test(tmp: Path, name: str) -> Path:
         }
     trainer = cfg["trainer"]
     trainer["logger"] = False
-    keep = ("ModelCheckpoint", "BeamSearchAugmentation")
+    keep = ("ModelCheckpoint", "LastCheckpoint", "BeamSearchAugmentation")
     trainer["callbacks"] = [c for c in trainer["callbacks"] if c["class_path"].endswith(keep)]
     trainer["callbacks"].append(
         {
@@ -147,11 +147,15 @@ def quickstart_for_test(tmp: Path, name: str) -> Path:
     return path
 
 
+# 16x16 fields and a small SimVP: what the runs check (kill points, resume, ranks) does not
+# depend on the size; each process's run is then a few seconds past its imports
 TINY = [
-    f"{GENERATOR}n_trajectories", "6", f"{GENERATOR}resolution", "32", f"{GENERATOR}n_frames", "12",
+    f"{GENERATOR}n_trajectories", "6", f"{GENERATOR}resolution", "16", f"{GENERATOR}n_frames", "12",
     "--data.init_args.loader.batch_size", "4", "--trainer.max_epochs", "3",
     "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
-    "--model.bottleneck.init_args.codebook_size", "32", "--trainer.enable_progress_bar", "false",
+    "--model.backbone.init_args.hid_s", "8", "--model.backbone.init_args.hid_t", "16",
+    "--model.backbone.init_args.n_s", "2", "--model.backbone.init_args.n_t", "1",
+    "--model.bottleneck.init_args.codebook_size", "16", "--trainer.enable_progress_bar", "false",
 ]  # fmt: skip
 
 

@@ -42,6 +42,17 @@ def callbacks_fragment(path: Path, target: str) -> Path:
     return path
 
 
+# 15 frames: a window is 5 + 5 frames and a pushforward sample needs the window 5 frames later
+FRAMES = 15
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Navier-Stokes file both fits read (written once)."""
+    path = tmp_path_factory.mktemp("data") / "ns.nc"
+    return write_navier_stokes(path, n_trajectories=10, resolution=32, n_frames=FRAMES)
+
+
 def fit(tmp_path: Path, data: Path, target: str, *extra: str):
     return main([
         "fit",
@@ -57,7 +68,7 @@ def fit(tmp_path: Path, data: Path, target: str, *extra: str):
         "--data.init_args.path", str(data),
         "--data.init_args.generator.init_args.n_trajectories", "10",
         "--data.init_args.generator.init_args.resolution", "32",
-        "--data.init_args.generator.init_args.n_frames", "20",
+        "--data.init_args.generator.init_args.n_frames", str(FRAMES),
         "--data.init_args.loader.batch_size", "2",
         "--data.init_args.splits.train_samples", "2",
         "--data.init_args.splits.unlabelled_samples", "2",
@@ -68,13 +79,12 @@ def fit(tmp_path: Path, data: Path, target: str, *extra: str):
 
 @pytest.mark.parametrize("target", ["pseudo", "pushforward"])
 def test_pool_records_new_inputs_and_trains(
-    target: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    target: str, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["beamvq"])
     torch.set_num_threads(1)
-    data = write_navier_stokes(tmp_path / "ns.nc", n_trajectories=10, resolution=32, n_frames=20)
     cli = fit(tmp_path, data, target)
     dm = cli.datamodule
     train_samples = np.unique(dm.dataset("train").starts[:, 0])
