@@ -8,7 +8,7 @@ W&B runs offline unless the environment says otherwise (``WANDB_MODE=online`` to
 ``WANDB_MODE=disabled`` to turn it off); nothing here touches the network by default, and an online
 run that cannot start falls back to an offline one (``beamvq.wandb_start``).
 
-``--ckpt_path`` is checked before any work (``beamvq.checkpointing``): ``validate``, ``test`` and
+``--ckpt_path`` is checked before any work (``beamvq.checkpoint_files``): ``validate``, ``test`` and
 ``predict`` need one (they would run random weights), ``--weights_only false`` is refused, the file
 (``last`` resolved here to the newest ``last*.ckpt`` of the checkpoint folders) must read as data
 and hold the configured backbone and bottleneck classes; the configured model arguments are kept
@@ -45,8 +45,8 @@ from beamvq.callbacks.last_checkpoint import (
     find_last_checkpoint,
     last_checkpoint_dirs,
 )
+from beamvq.checkpoint_files import CheckpointRefused, Refusal, check_ckpt_options, check_ckpt_path
 from beamvq.checkpoint_io import AtomicCheckpointIO
-from beamvq.checkpointing import CheckpointRefused, Refusal, check_ckpt_options, check_ckpt_path
 from beamvq.module import ForecastModule
 from beamvq.packaged_configs import configs_command, resolve_config_arguments, version_string
 from beamvq.wandb_start import finish_wandb, start_wandb

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+from beamvq.checkpoint_files import read_checkpoint as read_safely
 from beamvq.checkpointing import data_identity, model_identity, weight_differences
-from beamvq.checkpointing import read_checkpoint as read_safely
 from beamvq.normalization import upgrade_legacy_keys
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ FRESH_IDENTITY = ("bottleneck", "codebook_shape")
 
 def read_checkpoint(path: str) -> Mapping[str, Any]:
     """The checkpoint at ``path`` (safe loading only), or one message naming the file and what is
-    wrong (``beamvq.checkpointing.read_checkpoint``)."""
+    wrong (``beamvq.checkpoint_files.read_checkpoint``)."""
     return read_safely(path, "model.init_from")
 
 
