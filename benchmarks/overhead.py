@@ -17,7 +17,7 @@
    the call's inputs), at 4, 16 and 64 inputs per call (``--search-per-call``) over the same
    ``--search-inputs`` inputs, interleaved per round; the results are checked equal.
 
-Setting (benchmarks/beamvq_gain.py's protocol): generated Navier-Stokes 32x32, 10 -> 2 x 5
+Setting (benchmarks/cost_protocol.py): generated Navier-Stokes 32x32, 10 -> 2 x 5
 frames, 64 training trajectories, ``--backbone`` (SimVP-v2, the quickstart's) with the VQ
 bottleneck and candidate loss, batch 16, one torch thread (``--threads``).
 
@@ -45,7 +45,7 @@ from einops import rearrange, repeat
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from beamvq_gain import ROOT, Protocol, build_backbone, datamodule, make_module  # noqa: E402
+from cost_protocol import ROOT, Protocol, build_backbone, datamodule, make_module  # noqa: E402
 
 from beamvq import metrics, search  # noqa: E402
 from beamvq.callbacks.beam_search import BeamSearchAugmentation  # noqa: E402
