@@ -39,6 +39,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -144,6 +145,20 @@ def load_rows(paths: Iterable[Path]) -> list[dict]:
     return rows
 
 
+# state-dict entries that are buffers, not optimizer-trained parameters: the EMA code bank
+# (vector-quantize-pytorch's _codebook), batch-norm statistics, the data's normalization and
+# the module's metric constants
+_BUFFER_KEYS = re.compile(
+    r"(\._codebook\.|running_mean$|running_var$|num_batches_tracked$|^normalizer\.|"
+    r"^lat_deg$|^climatology$)"
+)
+
+
+def trainable_numel(state_dict: dict) -> int:
+    """Values of a checkpoint's ``state_dict`` that the optimizer trains (buffers excluded)."""
+    return sum(v.numel() for k, v in state_dict.items() if not _BUFFER_KEYS.search(k))
+
+
 def checkpoint_facts(ckpt_dir: Path) -> dict:
     """The best epoch, its validation loss and the model-state sizes (by top-level part) of
     ``best.ckpt``; the epochs trained come from ``metrics.csv`` (``logged_facts``), which also
@@ -156,7 +171,11 @@ def checkpoint_facts(ckpt_dir: Path) -> dict:
     for key, value in state["state_dict"].items():
         part = key.split(".")[1] if key.count(".") >= 2 else key
         counts[part] = counts.get(part, 0) + value.numel()
-    facts: dict = {"state_numel": counts, "best_epoch": int(state.get("epoch", -1))}
+    facts: dict = {
+        "state_numel": counts,
+        "trainable_numel": trainable_numel(state["state_dict"]),
+        "best_epoch": int(state.get("epoch", -1)),
+    }
     for name, cb in state.get("callbacks", {}).items():
         if name.startswith("ModelCheckpoint") and cb.get("best_model_score") is not None:
             facts["best_val_loss"] = float(cb["best_model_score"])
@@ -316,7 +335,7 @@ def arms_table(rows: list[dict], title: str) -> str:
         out += [
             f"### {title}: {n} labelled + {m} unlabelled trajectories",
             "",
-            f"| arm | seeds | {head} | MSE vs base (paired) | {' | '.join(HEALTH)} | state numel |",
+            f"| arm | seeds | {head} | MSE vs base (paired) | {' | '.join(HEALTH)} | trainable |",
             "|---|---|" + "---|" * (len(ARM_METRICS) + len(HEALTH)) + "---|---|",
         ]
         for arm in arms:
@@ -330,9 +349,10 @@ def arms_table(rows: list[dict], title: str) -> str:
             )  # fmt: skip
             health = [_mean_sd([r["last_logged"][k] for r in rs if k in r.get("last_logged", {})])
                       for k in HEALTH.values()]  # fmt: skip
-            params = sum(rs[0].get("state_numel", {}).values())
+            params = rs[0].get("trainable_numel")
+            params = "–" if params is None else f"{params:,}"
             out.append(f"| {arm} | {len(rs)} | {' | '.join(cells)} | {change} | "
-                       f"{' | '.join(health)} | {params:,} |")  # fmt: skip
+                       f"{' | '.join(health)} | {params} |")  # fmt: skip
         out.append("")
     return "\n".join(out)
 

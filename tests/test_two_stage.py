@@ -235,3 +235,36 @@ def test_control_config_drops_the_search_callback(capsys: pytest.CaptureFixture)
             assert (callback in out) is searched, (name, callback)
         assert f"dirpath: runs/{name}/checkpoints" in out and "runs/quickstart" not in out
         assert "class_path: beamvq.two_stage.TwoStage" in out
+
+
+def test_experiment_arms_two_stage_and_control_match_and_are_counted() -> None:
+    """The fair protocol's arms (configs/experiments/arms/two_stage.yaml, control.yaml) wrap the
+    experiment's U-Net with the same trainable parameters; the runner's checkpoint counter
+    (benchmarks/experiment.py ``trainable_numel``, buffers excluded) agrees with them."""
+    import sys
+
+    from beamvq.backbones import UNet
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import experiment
+
+    base = parse("configs/experiments/ns_scarce.yaml")
+    arms = {
+        name: parse("configs/experiments/ns_scarce.yaml", f"configs/experiments/arms/{name}.yaml")
+        for name in ("two_stage", "control", "vq")
+    }
+    for name in ("two_stage", "control"):
+        bb = arms[name].model.backbone
+        assert type(bb) is TwoStage and type(bb.base) is UNet, name
+        assert (bb.in_steps, bb.out_steps, arms[name].rollout_steps) == (4, 2, 4)
+    assert arms["control"].model.bottleneck is None
+    assert arms["two_stage"].model.bottleneck.forecast_path == "quantized"
+    counts = {n: parameter_counts(m) for n, m in arms.items()}
+    assert counts["two_stage"]["total"] == counts["control"]["total"]
+    assert counts["two_stage"]["base"] == parameter_counts(base)["total"]
+    assert counts["two_stage"]["extra_stage"] > 0
+    for name, module in [("base", base), *arms.items()]:
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        assert experiment.trainable_numel(module.state_dict()) == trainable, name
+    # the vq arm adds only the learned offset scale to the base's trainable parameters
+    assert counts["vq"]["total"] == parameter_counts(base)["total"] + 1
