@@ -4,7 +4,9 @@ The model sees ``(field - mean) / std`` per channel; every metric is computed on
 fields. The statistics are buffers, so they travel in the checkpoint and a model predicts in
 physical units without its training data. They come from the datamodule's training split
 (``beamvq.protocols.ForecastData.normalization``) and are set once: a checkpoint's statistics,
-restored after ``setup``, win over the data's.
+restored after ``setup``, win over the data's. A forecast from inputs alone (``beamvq predict``
+with ``data.predict``, ``beamvq.forecast``) has no training split: the data give none, and the
+checkpoint's are the only ones (never statistics of the inputs).
 
 Checkpoint layout: the module holds a ``Normalizer`` as ``normalizer``, so its buffers are
 ``normalizer.mean``, ``normalizer.std`` and ``normalizer.ready``. Checkpoints written before

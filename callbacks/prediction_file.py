@@ -10,7 +10,8 @@ Layout:
   code-bank ranks, or, when beam-searched, trajectories best first with their scores in
   ``member_score (sample, member)``;
 * the input's ``y``/``x`` coordinates and variable attributes (units, long_name) carried over;
-  global ``history`` names the command and the checkpoint.
+  global ``history`` names the command (or the Python call, ``beamvq.forecast``) and the
+  checkpoint.
 
 CF conventions 1.8 (``forecast_period``, ``forecast_reference_time``, ``realization``).
 """
@@ -102,9 +103,11 @@ def prediction_dataset(
     members: np.ndarray | None = None,
     member_scores: np.ndarray | None = None,
     ckpt: str | None = None,
+    command: str | None = None,
 ) -> xr.Dataset:
     """The CF dataset for ``forecast (S, T, C, H, W)`` of windows labelled ``windows``;
-    ``members (S, M, T, C, H, W)`` and their beam-search ``member_scores (S, M)`` optional."""
+    ``members (S, M, T, C, H, W)`` and their beam-search ``member_scores (S, M)`` optional;
+    ``command`` is what ``history`` records (default: the command line)."""
     searched = member_scores is not None
     kind = "beam-searched trajectories, best first" if searched else "code-bank candidates"
     coords = _time_coords(data, windows, forecast.shape[0], forecast.shape[1]) | _grid_coords(data)
@@ -134,7 +137,7 @@ def prediction_dataset(
         "title": "beamvq forecasts",
         "Conventions": "CF-1.8",
         "source": f"beamvq forecasts of {data.path}",
-        "history": f"{stamp}: {' '.join(sys.argv)} (checkpoint: {ckpt})",
+        "history": f"{stamp}: {command or ' '.join(sys.argv)} (checkpoint: {ckpt})",
         "references": "BeamVQ: arXiv 2405.17051, 2502.18925",
     }
     ds = xr.Dataset(data_vars, coords=coords, attrs=attrs)

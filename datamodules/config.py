@@ -26,6 +26,8 @@ from dataclasses import dataclass
 SPLITS = ("train", "val", "test")
 NAN_POLICIES = ("fill", "mask")
 POOL_POLICIES = ("oldest", "worst")
+# what ``beamvq predict`` forecasts from (``PredictConfig.init``)
+PREDICT_INITS = ("auto", "split", "last", "every", "times")
 
 
 def _set(obj: object, name: str, value: object) -> None:
@@ -313,3 +315,54 @@ class PoolConfig:
             raise ValueError(f"data.pool.weight must be >= 0, got {self.weight}")
         _set(self, "capacity", int(self.capacity))
         _set(self, "weight", float(self.weight))
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """What ``beamvq predict`` forecasts from (YAML ``data.predict``; docs/own_inputs.md).
+
+    ``split`` forecasts the windows of ``data.splits.predict_split``, which need a training split
+    and a recorded future. The other modes forecast from the file's inputs alone (the user's own
+    data): no split, no future, no statistics of their own (the checkpoint's normalize them), the
+    file's variables and grid checked against the checkpoint's. An init time is the time label
+    of an input's last frame (``init_time`` of the prediction file).
+
+    Args:
+        init: ``"last"``: each sample's latest ``in_steps`` consecutive frames; ``"every"``:
+            every input of ``in_steps`` consecutive frames, ``data.windows.stride`` apart;
+            ``"times"``: the inputs ending at ``times``, for every sample; ``"split"``: the
+            windows of ``data.splits.predict_split`` (before this setting, the only mode);
+            ``"auto"``: in ``predict``, ``"times"`` when ``times`` are given, else ``"last"``
+            for a file with fewer frames than one window (``in_steps + out_steps x
+            rollout_steps``: it records no future); ``"split"`` otherwise and in the other
+            stages, as before.
+        times: init times, ISO dates (``"2000-01-03T06:00"``) for a dated time axis or numbers
+            for a numeric one; each must be a time of the file with ``in_steps`` consecutive
+            frames ending there.
+    """
+
+    init: str = "auto"
+    times: list[str | float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.init not in PREDICT_INITS:
+            raise ValueError(f"data.predict.init must be one of {PREDICT_INITS}, got {self.init!r}")
+        if self.times is not None:
+            if isinstance(self.times, (str, bytes)) or not len(self.times):
+                raise ValueError(
+                    f"data.predict.times must be a non-empty list of init times, got {self.times!r}"
+                )
+            # numbers as YAML reads them (12.5, 2000.0) back to labels ("12.5", "2000")
+            _set(self, "times", [f"{t:g}" if isinstance(t, float) else str(t) for t in self.times])
+        if self.init == "times" and self.times is None:
+            raise ValueError("data.predict.init='times' needs data.predict.times (init times)")
+        if self.times is not None and self.init not in ("times", "auto"):
+            raise ValueError(
+                f"data.predict.times are init times of data.predict.init='times'; with "
+                f"data.predict.init={self.init!r} drop them or set init: times"
+            )
+
+    @property
+    def from_inputs(self) -> bool:
+        """Whether the mode (when not ``auto``) forecasts from inputs alone."""
+        return self.init in ("last", "every", "times")

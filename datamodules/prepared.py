@@ -4,27 +4,36 @@
 split plan), the training split's normalization, and the NaN policy ``"fill"`` (in place in
 memory; per item for the memory map, which stays as read). The result, ``PreparedData``, cuts
 the windows of a split and labels them (``beamvq.protocols.DataInfo``, ``WindowInfo``).
+Forecasts from inputs alone (``beamvq.datamodules.own_inputs``) make a ``PreparedData`` of one
+split, ``INPUTS``, whose windows hold no target frames and whose ``normalization`` is None.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from beamvq.datamodules.config import QualityConfig, SplitConfig, WindowConfig
+from beamvq.datamodules.config import SPLITS, QualityConfig, SplitConfig, WindowConfig
 from beamvq.datamodules.reading import FrameStats, check_nans, combine, fill_nans, frame_mean
-from beamvq.datamodules.scan import Layout
+from beamvq.datamodules.scan import Layout, files_label
 from beamvq.datamodules.splits import SplitInput, SplitPlan, plan_splits, resolve_step
 from beamvq.datamodules.windows import MemmapWindowDataset, WindowDataset
 from beamvq.protocols import AxisInfo, ChannelInfo, DataInfo, Normalization, WindowInfo
+
+log = logging.getLogger(__name__)
+
+# the one split of a forecast from inputs alone (beamvq.datamodules.own_inputs): no target frames
+INPUTS = "inputs"
 
 
 class PreparedData(NamedTuple):
     """The data after setup: ``data`` is the in-memory array ``(S, T, C, H, W)`` or None when the
     windows come from the memory-mapped ``cache_file``; ``fill`` the per-channel values that
-    replace NaNs per item (memory map and ``"fill"`` policy only)."""
+    replace NaNs per item (memory map and ``"fill"`` policy only); ``normalization`` is the
+    training split's, or None for inputs alone (the checkpoint's statistics normalize them)."""
 
     layout: Layout
     data: np.ndarray | None
@@ -33,7 +42,7 @@ class PreparedData(NamedTuple):
     fill: np.ndarray | None
     time_step: np.timedelta64 | float
     plan: SplitPlan
-    normalization: Normalization
+    normalization: Normalization | None
 
     @property
     def where(self) -> str:
@@ -46,24 +55,36 @@ class PreparedData(NamedTuple):
             return self.data
         return np.load(self.cache_file, mmap_mode="r")
 
+    def starts(self, split: str) -> np.ndarray:
+        """The window starts ``(N, 2)`` of ``split``; inputs alone have no other split."""
+        if split not in self.plan.starts and INPUTS in self.plan.starts:
+            label = files_label([f.path for f in self.layout.files])
+            raise ValueError(
+                f"{label}: no {split!r} windows: the data were set up to forecast from inputs alone "
+                "(data.predict.init: last / every / times, for beamvq predict), which have no "
+                "splits and no recorded future; what needs them needs data.predict.init: split"
+            )
+        return self.plan.starts[split]
+
     def dataset(self, split: str, windows: WindowConfig) -> WindowDataset | MemmapWindowDataset:
-        starts = self.plan.starts[split]
+        starts = self.starts(split)
+        # the inputs' windows hold no future (y has 0 frames)
+        target = 0 if split == INPUTS else windows.target_steps
         if self.data is not None:
-            return WindowDataset(self.data, starts, windows.in_steps, windows.target_steps)
+            return WindowDataset(self.data, starts, windows.in_steps, target)
         assert self.cache_file is not None
-        return MemmapWindowDataset(
-            self.cache_file, starts, windows.in_steps, windows.target_steps, self.fill
-        )
+        return MemmapWindowDataset(self.cache_file, starts, windows.in_steps, target, self.fill)
 
     def climatology(self) -> np.ndarray:
         """Per-channel, per-pixel training mean ``(C, H, W)``; a pixel never finite in training
         falls back to the channel mean."""
+        assert self.normalization is not None, "inputs alone have no training split"
         return frame_mean(self.source(), self.plan.frames["train"], self.normalization.mean)
 
     def window_info(self, split: str, indices: np.ndarray, in_steps: int) -> WindowInfo:
         """Sample labels and last-input-time labels of windows ``indices`` of ``split``."""
         lay = self.layout
-        starts = self.plan.starts[split][np.asarray(indices, dtype=np.int64)]
+        starts = self.starts(split)[np.asarray(indices, dtype=np.int64)]
         time = lay.coords[lay.time_dim].values
         if lay.sample_dim is not None:
             sample = lay.coords[lay.sample_dim].values[starts[:, 0]]
@@ -121,4 +142,15 @@ def prepare(
             # once, in place: the windows then hold no NaN and need no per-item work
             fill_nans(data, mean.astype(np.float32))
     normalization = Normalization(mean.astype(np.float32), std.astype(np.float32))
-    return PreparedData(lay, data, cache_file, stats, fill, step, plan, normalization)
+    ready = PreparedData(lay, data, cache_file, stats, fill, step, plan, normalization)
+    log.info(
+        "%s: %s windows (train/val/test) of %d+%d steps, %d channel(s) %s, %s",
+        label,
+        [len(plan.starts[s]) for s in SPLITS],
+        windows.in_steps,
+        windows.target_steps,
+        len(lay.channels),
+        [c.name for c in lay.channels],
+        ready.where,
+    )
+    return ready

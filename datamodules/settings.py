@@ -4,12 +4,14 @@
 of its settings groups that a reader asks for by name: the window's frames (``in_steps``,
 ``out_steps``, ``rollout_steps``, ``stride``, ``target_steps``, ``window``), the loader's
 (``batch_size``, ``num_workers``) and the split ``predict`` forecasts (``predict_split``). They
-hold no state: each reads the group the datamodule was built with.
+hold no state: each reads the group the datamodule was built with, and ``predict_split`` also
+what setup chose (``inputs_mode``: a forecast from the file's inputs alone, ``data.predict``).
 """
 
 from __future__ import annotations
 
 from beamvq.datamodules.config import LoaderConfig, SplitConfig, WindowConfig
+from beamvq.datamodules.prepared import INPUTS
 
 __all__ = ["SettingsView"]
 
@@ -20,6 +22,8 @@ class SettingsView:
     windows: WindowConfig
     loader: LoaderConfig
     splits: SplitConfig
+    # set by setup: the own-inputs mode (beamvq.datamodules.own_inputs), or None
+    _inputs_mode: str | None = None
 
     @property
     def in_steps(self) -> int:
@@ -54,5 +58,13 @@ class SettingsView:
         return self.loader.num_workers
 
     @property
+    def inputs_mode(self) -> str | None:
+        """After setup: ``"last"``, ``"every"`` or ``"times"`` when ``predict`` forecasts from
+        the file's inputs alone (``data.predict``), else None (the windows of the splits)."""
+        return self._inputs_mode
+
+    @property
     def predict_split(self) -> str:
-        return self.splits.predict_split
+        """The split ``predict`` forecasts: ``"inputs"`` for inputs alone, else
+        ``data.splits.predict_split``."""
+        return INPUTS if self._inputs_mode is not None else self.splits.predict_split

@@ -32,6 +32,11 @@ from beamvq.datamodules.conventions import (
 )
 
 
+class SplitError(ValueError):
+    """A split that asks for data has no window, or too few samples to split: what a file of
+    inputs alone meets (``beamvq predict`` then says how to forecast from its inputs)."""
+
+
 class Block(NamedTuple):
     """The frames of one split: ``samples`` (positions along the sample dim), times ``[lo, hi)``."""
 
@@ -115,7 +120,7 @@ def sample_blocks(
     counts = np.where(fr > 0, np.maximum(1, np.round(fr * n_samples)), 0).astype(int)
     counts[0] = n_samples - counts[1:].sum()
     if counts[0] < 1:
-        raise ValueError(
+        raise SplitError(
             f"{label}: {n_samples} samples along {sample_dim!r} are too few for "
             f"data.splits.fractions={splits.fractions}; the train split would be empty"
         )
@@ -204,7 +209,7 @@ def plan_splits(
             where = f"{data.label}: the {split} split"
             if splits.by_date:
                 where += f" (data.splits.{split}_period={splits.periods[split]})"
-            raise ValueError(empty_split_message(where, block, ok_pair, nan_frame, windows, step))
+            raise SplitError(empty_split_message(where, block, ok_pair, nan_frame, windows, step))
     if "unlabelled" in blocks:
         # inputs only: every admissible start of in_steps frames (their futures are not read)
         block = blocks["unlabelled"]
