@@ -163,15 +163,18 @@ def model_class_differences(saved: Mapping[str, Any], configured: Mapping[str, A
     return out
 
 
-def check_ckpt_path(ckpt: str | None, configured_model: Mapping[str, Any]) -> None:
+def check_ckpt_path(
+    ckpt: str | None, configured_model: Mapping[str, Any]
+) -> Mapping[str, Any] | None:
     """``--ckpt_path``: the file exists (unless Lightning resolves the name), reads as data
     (``read_checkpoint``), and holds the configured backbone and bottleneck classes; raises
-    naming the difference.
+    naming the difference. Returns the checkpoint read as data (None for no file or a name
+    Lightning resolves).
 
     Shapes and constructor arguments are compared when the weights load (``check_checkpoint``).
     """
     if not ckpt or str(ckpt) in SPECIAL_CKPT:
-        return
+        return None
     saved = read_checkpoint(str(ckpt))
     problems = model_class_differences(saved.get("hyper_parameters") or {}, configured_model)
     if problems:
@@ -180,3 +183,4 @@ def check_ckpt_path(ckpt: str | None, configured_model: Mapping[str, Any]) -> No
             "gives:\n  - " + "\n  - ".join(problems) + "\nUse the configuration the checkpoint "
             "was trained with (its config.yaml) or a checkpoint of this model."
         )
+    return saved

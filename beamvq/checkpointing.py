@@ -70,6 +70,8 @@ __all__ = [
     "restore_state",
     "save_state",
     "weight_differences",
+    "wandb_run_id",
+    "checkpoint_wandb_run_id",
 ]
 
 
@@ -155,6 +157,11 @@ def save_state(model: nn.Module, trainer: pl.Trainer | None, skipped_batches: in
         "skipped_batches": skipped_batches,
     }
     if trainer is not None and trainer.state.fn == "fit":
+        # bit-identical resume needs the same intra-op thread count (reductions split by thread)
+        extra["torch_threads"] = torch.get_num_threads()
+        run_id = wandb_run_id(trainer)
+        if run_id is not None:
+            extra["wandb_run_id"] = run_id
         # every rank's stream (Lightning calls this hook on all ranks; rank 0 writes)
         states = [collect_rng_state()]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -178,7 +185,41 @@ def restore_state(checkpoint: Mapping[str, Any], trainer: pl.Trainer | None) -> 
                 trainer.world_size,
             )
         restore_rng_state(states[trainer.global_rank % len(states)])
+        threads = extra.get("torch_threads")
+        if threads is not None and int(threads) != torch.get_num_threads():
+            log.warning(
+                "the checkpoint was written with %d torch thread(s), this run has %d: the "
+                "resumed run is not bit-identical to an uninterrupted one (sums split across "
+                "threads round differently); set OMP_NUM_THREADS=%d or torch.set_num_threads(%d) "
+                "for an exact resume",
+                int(threads),
+                torch.get_num_threads(),
+                int(threads),
+                int(threads),
+            )
     return int(extra.get("skipped_batches", 0))
+
+
+def wandb_run_id(trainer: pl.Trainer) -> str | None:
+    """The id of the W&B run of ``trainer``'s first WandbLogger once it has started, else None
+    (recorded in checkpoints so that a resumed fit continues the same run)."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            try:
+                version = logger.version
+            except Exception:  # a logger that cannot start has no run to continue
+                return None
+            return None if version is None else str(version)
+    return None
+
+
+def checkpoint_wandb_run_id(checkpoint: Mapping[str, Any]) -> str | None:
+    """The W&B run id that ``checkpoint`` (a checkpoint read as data) recorded, if any."""
+    extra = checkpoint.get(CKPT_KEY) or {}
+    run_id = extra.get("wandb_run_id") if isinstance(extra, Mapping) else None
+    return str(run_id) if isinstance(run_id, str) and run_id else None
 
 
 # -- checks on the built model ---------------------------------------------------------------------

@@ -47,9 +47,10 @@ from beamvq.callbacks.last_checkpoint import (
 )
 from beamvq.checkpoint_files import CheckpointRefused, Refusal, check_ckpt_options, check_ckpt_path
 from beamvq.checkpoint_io import AtomicCheckpointIO
+from beamvq.checkpointing import checkpoint_wandb_run_id
 from beamvq.module import ForecastModule
 from beamvq.packaged_configs import configs_command, resolve_config_arguments, version_string
-from beamvq.wandb_start import finish_wandb, start_wandb
+from beamvq.wandb_start import continue_wandb_run, finish_wandb, start_wandb
 
 log = logging.getLogger("beamvq")
 
@@ -96,7 +97,11 @@ class BeamVQCLI(LightningCLI):
             return
         section = self.config[sub]
         check_ckpt_options(sub, section.get("ckpt_path"), section.get("weights_only"))
-        check_ckpt_path(section.get("ckpt_path"), self._configured_model())
+        self._remember_run(check_ckpt_path(section.get("ckpt_path"), self._configured_model()))
+
+    def _remember_run(self, saved: Any) -> None:
+        """The W&B run a resumed fit continues: the one that wrote its checkpoint."""
+        self._resumed_run_id = checkpoint_wandb_run_id(saved) if saved else None
 
     def _configured_model(self) -> dict[str, Any]:
         model = self.config[self.config["subcommand"]].get("model")
@@ -124,7 +129,7 @@ class BeamVQCLI(LightningCLI):
             log.warning("--ckpt_path last: no last*.ckpt in %s: a new fit starts", where)
             section["ckpt_path"] = None
             return
-        check_ckpt_path(found, self._configured_model())
+        self._remember_run(check_ckpt_path(found, self._configured_model()))
         log.info("--ckpt_path last: %s", found)
         section["ckpt_path"] = found
 
@@ -136,6 +141,8 @@ class BeamVQCLI(LightningCLI):
     def _before(self) -> None:
         self._resolve_last()
         self._check_data_only()
+        if self.subcommand == "fit":
+            continue_wandb_run(self.trainer, getattr(self, "_resumed_run_id", None))
         start_wandb(self.trainer)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:

@@ -19,7 +19,10 @@ from torch import Tensor
 
 __all__ = [
     "AllGather",
+    "RanksDisagree",
     "Shard",
+    "check_ranks_agree",
+    "checksum",
     "gather_merged",
     "gather_rows",
     "map_sharded",
@@ -101,3 +104,43 @@ def map_sharded(
     device = rows[0].device
     key, valid = mine.positions.to(device), mine.valid.to(device)
     return gather_merged(all_gather, world_size, key, valid, *rows)
+
+
+class RanksDisagree(RuntimeError):
+    """DDP ranks hold different copies of what must be identical (the pool, the code bank)."""
+
+
+def checksum(*tensors: Tensor) -> Tensor:
+    """One float64 fingerprint of ``tensors``: sum and position-weighted sum of every value (in
+    float64, so equal copies give equal sums on every rank and a changed or moved value shows)."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for t in tensors:
+        flat = t.detach().reshape(-1).to("cpu", torch.float64)
+        if flat.numel() == 0:
+            continue
+        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64) / flat.numel()
+        total += torch.stack([flat.sum(), (flat * weights).sum()])
+    return total
+
+
+def check_ranks_agree(
+    all_gather: AllGather, world_size: int, named: dict[str, Sequence[Tensor]]
+) -> dict[str, float]:
+    """Checksums of each named group of tensors on this rank, compared across the ranks; raises
+    ``RanksDisagree`` naming the group and every rank's checksum when they differ. Returns
+    ``{name: checksum}`` (the first component) for logging. With one process nothing is gathered."""
+    sums = {name: checksum(*tensors) for name, tensors in named.items()}
+    if world_size > 1 and sums:
+        names = list(sums)
+        mine = torch.stack([sums[n] for n in names])  # (groups, 2)
+        every = all_gather(mine).reshape(world_size, len(names), 2).to(torch.float64)
+        for i, name in enumerate(names):
+            if not torch.equal(every[:, i], every[:1, i].expand_as(every[:, i])):
+                per_rank = ", ".join(
+                    f"rank {r}: {every[r, i, 0].item():.17g}" for r in range(world_size)
+                )
+                raise RanksDisagree(
+                    f"DDP ranks disagree on the {name} after the search ({per_rank}): every rank "
+                    "must hold the same copy; the run stops instead of training diverging replicas"
+                )
+    return {name: float(s[0]) for name, s in sums.items()}

@@ -5,6 +5,10 @@ by default; ``WANDB_MODE=online`` uploads, ``WANDB_MODE=disabled`` turns it off)
 that cannot start (no API key, wrong entity or project, no network) falls back to an offline run
 in the same ``save_dir`` with a warning, within ``WANDB_INIT_TIMEOUT`` seconds (default 30), so
 training never waits on W&B; ``wandb sync`` uploads it later.
+
+A fit resumed from a checkpoint continues the W&B run that wrote it (``beamvq.checkpointing``
+records the run id), so one fit keeps one history; a logger given its own ``id``/``version``
+keeps it.
 """
 
 from __future__ import annotations
@@ -22,14 +26,15 @@ log = logging.getLogger("beamvq")
 _OFFLINE_MODES = {"offline", "dryrun", "disabled"}
 DEFAULT_WANDB_INIT_TIMEOUT = 30.0
 
-__all__ = ["DEFAULT_WANDB_INIT_TIMEOUT", "finish_wandb", "start_wandb"]
+__all__ = ["DEFAULT_WANDB_INIT_TIMEOUT", "continue_wandb_run", "finish_wandb", "start_wandb"]
 
 
 def _init_settings(logger: WandbLogger) -> tuple[bool, dict[str, Any]]:
     """The logger's ``offline`` flag and the keyword arguments it will pass to ``wandb.init``
     (the dict itself: changing it changes the run the logger starts).
 
-    The one place that reads WandbLogger's private state: it has no public accessor for either,
+    The one place (with ``continue_wandb_run``, which sets the id the same way the logger's
+    ``version`` argument would) that reads WandbLogger's private state: it has no public accessor for either,
     and the fallback below must set the run's mode and ``init_timeout`` before the logger starts
     the run (``logger.experiment``), which is the logger's only public way to start it.
     """
@@ -41,6 +46,30 @@ def _wandb_mode(logger: WandbLogger) -> str:
     if offline:
         return "offline"
     return str(init.get("mode") or os.environ.get("WANDB_MODE") or "online")
+
+
+def continue_wandb_run(trainer: pl.Trainer, run_id: str | None) -> bool:
+    """Point ``trainer``'s W&B loggers that have no run yet, and no id of their own, at the run
+    ``run_id`` (``resume="allow"``: the resumed fit appends to that run's history). Returns
+    whether a logger was pointed at it."""
+    if not run_id or rank_zero_only.rank != 0:
+        return False
+    pointed = False
+    for logger in trainer.loggers:
+        if not isinstance(logger, WandbLogger):
+            continue
+        _, init = _init_settings(logger)
+        if init.get("id") or _wandb_mode(logger) == "disabled":
+            continue
+        if logger.version is not None:  # already started (or given a version)
+            continue
+        init["id"] = run_id
+        init["resume"] = "allow"
+        logger._id = run_id  # the logger's version before the run starts (see _init_settings)
+        pointed = True
+    if pointed:
+        log.info("W&B: the resumed fit continues run %s", run_id)
+    return pointed
 
 
 def start_wandb(trainer: pl.Trainer, init_timeout: float | None = None) -> None:
