@@ -28,6 +28,11 @@ from einops import rearrange
 from torch import Tensor, nn
 from vector_quantize_pytorch import VectorQuantize
 
+from beamvq import arguments
+from beamvq.arguments import BOTTLENECK
+
+FORECAST_PATHS = ("quantized", "continuous")
+
 
 class Quantized(NamedTuple):
     """Output of the bottleneck: quantized latent, code indices per position, auxiliary loss."""
@@ -42,6 +47,28 @@ class CodebookStats(NamedTuple):
 
     perplexity: Tensor
     codes_used: Tensor
+
+
+def _check_arguments(
+    dim: int, codebook_size: int, codebook_dim: int | None, decay: float,
+    commitment_weight: float, kmeans_iters: int, threshold_ema_dead_code: float,
+    forecast_path: str, offset_scale: float, learn_offset_scale: bool,
+) -> None:  # fmt: skip
+    """``VQBottleneck``'s arguments, named by their YAML keys (``model.bottleneck.init_args``)."""
+    arguments.positive_int("VQBottleneck: dim (the backbone's latent_dim)", dim)
+    arguments.at_least(f"{BOTTLENECK}.codebook_size", codebook_size, 2)
+    arguments.positive_int(f"{BOTTLENECK}.codebook_dim", codebook_dim, optional=True)
+    arguments.fraction(f"{BOTTLENECK}.decay", decay)
+    arguments.non_negative(f"{BOTTLENECK}.commitment_weight", commitment_weight)
+    arguments.positive_int(f"{BOTTLENECK}.kmeans_iters", kmeans_iters)
+    arguments.non_negative(f"{BOTTLENECK}.threshold_ema_dead_code", threshold_ema_dead_code)
+    arguments.one_of(f"{BOTTLENECK}.forecast_path", forecast_path, FORECAST_PATHS)
+    arguments.positive(f"{BOTTLENECK}.offset_scale", offset_scale)
+    if (offset_scale != 1.0 or learn_offset_scale) and forecast_path != "continuous":
+        raise ValueError(
+            f"{BOTTLENECK}.offset_scale / learn_offset_scale move the candidates "
+            "around the continuous latent: they need forecast_path: continuous"
+        )
 
 
 class VQBottleneck(nn.Module):
@@ -87,19 +114,10 @@ class VQBottleneck(nn.Module):
         learn_offset_scale: bool = False,
     ) -> None:
         super().__init__()
-        if forecast_path not in ("quantized", "continuous"):
-            raise ValueError(
-                f"VQBottleneck: forecast_path must be 'quantized' or 'continuous', got {forecast_path!r}"
-            )
-        if not (offset_scale > 0 and math.isfinite(offset_scale)):
-            raise ValueError(
-                f"model.bottleneck.init_args.offset_scale must be a positive number, got {offset_scale}"
-            )
-        if (offset_scale != 1.0 or learn_offset_scale) and forecast_path != "continuous":
-            raise ValueError(
-                "model.bottleneck.init_args.offset_scale / learn_offset_scale move the candidates "
-                "around the continuous latent: they need forecast_path: continuous"
-            )
+        _check_arguments(
+            dim, codebook_size, codebook_dim, decay, commitment_weight, kmeans_iters,
+            threshold_ema_dead_code, forecast_path, offset_scale, learn_offset_scale,
+        )  # fmt: skip
         self.forecast_path = forecast_path
         log_scale = torch.tensor(math.log(offset_scale))
         if learn_offset_scale:
@@ -107,11 +125,6 @@ class VQBottleneck(nn.Module):
         else:
             # not persistent: checkpoints of a fixed scale look as they did before the option
             self.register_buffer("log_offset_scale", log_scale, persistent=False)
-        if dim < 1 or codebook_size < 2:
-            raise ValueError(
-                f"VQBottleneck: dim must be >= 1 and codebook_size >= 2, got dim={dim}, "
-                f"codebook_size={codebook_size}"
-            )
         self.dim = int(dim)
         self.codebook_size = int(codebook_size)
         self.vq = VectorQuantize(

@@ -12,7 +12,9 @@ folder, flushes and ``fsync``s it, then ``os.replace``s it onto the target (atom
 filesystems, NFS and Lustre included) and ``fsync``s the folder. A temporary file left by a killed
 save is named ``.<name>.<pid>.<random>.tmp``: it never matches Lightning's ``last*.ckpt`` lookup,
 and the next successful save of the same checkpoint deletes it. Remote URLs (``s3://``, ...) go
-through Lightning's own path: object stores publish an upload only once it is complete.
+through Lightning's own path: object stores publish an upload only once it is complete. A save
+that fails (a full disk, a folder made read-only) raises an ``OSError`` naming the checkpoint and
+the free space left, instead of torch's ``PytorchStreamWriter failed writing file data/0``.
 
 ``beamvq`` CLI runs use it by default (``beamvq.cli``); in Python pass
 ``Trainer(plugins=[AtomicCheckpointIO()])``.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -60,6 +63,21 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _discard(tmp: Path) -> None:
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:  # its folder is not there (or not a folder)
+        pass
+
+
+def _free(target: Path) -> str:
+    """``" (<n> MiB free on <folder>)"``, or nothing when the folder cannot be examined."""
+    try:
+        return f" ({shutil.disk_usage(target.parent).free / 2**20:.0f} MiB free on {target.parent})"
+    except OSError:
+        return ""
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` whose local saves are atomic (temporary file + ``os.replace``)."""
 
@@ -72,16 +90,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         target = Path(fs._strip_protocol(str(path)))
-        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_path(target)
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
                 self.write(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, target)
+        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
+            _discard(tmp)
+            raise OSError(f"cannot write the checkpoint {target}: {err}{_free(target)}") from err
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            _discard(tmp)
             raise
         _fsync_dir(target.parent)
         for stale in stale_temp_files(target):

@@ -45,10 +45,12 @@ from beamvq.callbacks.last_checkpoint import (
     find_last_checkpoint,
     last_checkpoint_dirs,
 )
+from beamvq.callbacks.prediction_writer import NetCDFPredictionWriter
 from beamvq.checkpoint_files import CheckpointRefused, Refusal, check_ckpt_options, check_ckpt_path
 from beamvq.checkpoint_io import AtomicCheckpointIO
 from beamvq.checkpointing import checkpoint_wandb_run_id
 from beamvq.module import ForecastModule
+from beamvq.output_checks import check_output_locations, trainer_output_locations
 from beamvq.packaged_configs import configs_command, resolve_config_arguments, version_string
 from beamvq.wandb_start import continue_wandb_run, finish_wandb, start_wandb
 
@@ -85,6 +87,18 @@ class BeamVQCLI(LightningCLI):
             dm.setup("fit")
             sys.stdout.write(dm.check() + "\n")
             sys.exit(0)
+
+    def _check_outputs(self) -> None:
+        """Every folder this subcommand writes to is writable and has room, before any work."""
+        trainer = self.trainer
+        files = [
+            cb.output_path(trainer)
+            for cb in trainer.callbacks
+            if isinstance(cb, NetCDFPredictionWriter)
+        ]
+        stage = str(self.subcommand)
+        dirs = last_checkpoint_dirs(trainer)
+        check_output_locations(trainer_output_locations(trainer, stage, dirs, files))
 
     # LightningCLI has no public switch for this: its _parse_ckpt_path replaces the configured
     # model arguments by the checkpoint's hyper-parameters (for a file path, not for ``last``), so
@@ -141,6 +155,7 @@ class BeamVQCLI(LightningCLI):
     def _before(self) -> None:
         self._resolve_last()
         self._check_data_only()
+        self._check_outputs()
         if self.subcommand == "fit":
             continue_wandb_run(self.trainer, getattr(self, "_resumed_run_id", None))
         start_wandb(self.trainer)

@@ -8,7 +8,9 @@ execution order whose output is not finite. Then ``nan_policy="stop"`` raises a
 ``FloatingPointError`` and ``"skip"`` drops the batch: no optimizer step, the buffers the forward
 moved (the code bank's EMA, BatchNorm statistics) rolled back, counted in
 ``train/skipped_batches``; ``max_consecutive_skips`` skipped batches in a row stop the run. Every
-DDP rank takes the decision together (one rank's NaN skips the batch on all of them).
+DDP rank takes the decision together (one rank's NaN skips the batch on all of them). A NaN/Inf
+validation loss is located too (``check_eval_loss``): ``"stop"`` raises, ``"skip"`` warns and goes
+on with that epoch's metrics NaN (a checkpoint monitor never takes them for the best).
 
 ``FaultGuard`` holds the bookkeeping and the decisions; ``beamvq.module.ForecastModule`` owns
 one and calls it from its training hooks. The module is seen here only through ``GuardedModule``.
@@ -180,6 +182,7 @@ class FaultGuard:
         self._good_batches = 0  # finite batches since the last optimizer step
         self._quant_flags: dict[str, Tensor] = {}
         self._quant_hooks: list[RemovableHandle] = []
+        self._eval_warned: tuple[str, int] | None = None  # (split, epoch) already warned about
 
     # -- quantized layers: flag non-finite operands before quantization hides them ---------------
     def install_quant_hooks(self, model: nn.Module) -> None:
@@ -293,6 +296,29 @@ class FaultGuard:
         cause = _gradient_cause(bad_param, operand)
         self._fault(host, f"NaN/Inf gradient at {self._where(host)}: {cause}")
         optimizer.zero_grad(set_to_none=True)  # "skip": AdamW leaves parameters without gradients
+
+    # -- a validation or test batch ---------------------------------------------------------------
+    def check_eval_loss(
+        self, host: GuardedModule, loss: Tensor, batch: Any, batch_idx: int, split: str
+    ) -> bool:
+        """A NaN/Inf ``split`` (``"validation"``, ``"test"``) loss on any rank, located as in
+        training: ``stop`` raises; ``skip`` warns once per epoch and keeps the batch (NaN metrics,
+        not metrics without the windows the model fails on). Every rank must call it."""
+        local_bad = not bool(torch.isfinite(loss).all())
+        if not any_rank(attached_trainer(host), local_bad):
+            return False
+        site = self.locate(host, batch)  # every rank: the diagnosis is collective
+        cause = site.description if local_bad else "on another DDP rank"
+        message = f"NaN/Inf {split} loss at {self._where(host, batch_idx)}: {cause}"
+        if self.config.nan_policy == "stop":
+            raise FloatingPointError(
+                f"{message}. Stopping (model.faults.nan_policy: stop; with "
+                f"model.faults.nan_policy: skip the run goes on with NaN {split} metrics)"
+            )
+        if self._eval_warned != (split, host.current_epoch):
+            self._eval_warned = (split, host.current_epoch)
+            log.warning("%s; this epoch's %s metrics are NaN (nan_policy: skip)", message, split)
+        return True
 
     # -- diagnosis and decision --------------------------------------------------------------------
     def locate(self, host: GuardedModule, batch: Any) -> FaultSite:

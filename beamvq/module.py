@@ -29,6 +29,7 @@ from pytorch_lightning.cli import OptimizerCallable
 from torch import Tensor
 
 from beamvq import optim
+from beamvq.arguments import check_module_arguments
 from beamvq.backbones.base import Backbone
 from beamvq.bottleneck import VQBottleneck
 from beamvq.checkpointing import CKPT_KEY, check_checkpoint, check_data, restore_state, save_state
@@ -103,19 +104,12 @@ class ForecastModule(pl.LightningModule):
         init_from: str | None = None,
     ) -> None:
         super().__init__()
-        if rollout_steps < 1 or candidate_k < 1:
-            raise ValueError(
-                "model.rollout_steps and model.candidate_k must be >= 1; "
-                f"got {rollout_steps}, {candidate_k}"
-            )
-        if loss.candidate_weight > 0 and bottleneck is None:
-            raise ValueError(
-                "model.loss.candidate_weight > 0 needs a model.bottleneck (the candidates come "
-                "from its code bank)"
-            )
-        ensemble.check(candidate_k, rollout_steps, bottleneck is not None)
         self.save_hyperparameters()
         self.model = VQForecaster(backbone, bottleneck)
+        # every argument, and the pairs that must agree (K against the code bank), before any work
+        check_module_arguments(
+            self.model, rollout_steps, candidate_k, loss, ensemble, csi_thresholds
+        )
         self.rollout_steps = int(rollout_steps)
         self._candidate_k = int(candidate_k)
         self.loss_config, self.ensemble_config, self.lr_schedule = loss, ensemble, lr_schedule
@@ -298,10 +292,14 @@ class ForecastModule(pl.LightningModule):
             self.log(name, value, batch_size=bs)
         return loss.total
 
-    def _eval_step(self, batch: Any, metrics: SplitMetrics, prefix: str) -> StepOutput:
+    def _eval_step(
+        self, batch: Any, metrics: SplitMetrics, prefix: str, batch_idx: int
+    ) -> StepOutput:
         loss = self.compute_loss(
             self.normalize(batch.x), self.normalize(batch.y), batch.weight, False
         )
+        split = "validation" if prefix == "val" else "test"
+        self.guard.check_eval_loss(self, loss.total, batch, batch_idx, split)
         pred_phys = self.denormalize(loss.pred)
         metrics.update(pred_phys, batch.y, self.lat_deg, self.climatology)
         self.log(
@@ -314,10 +312,10 @@ class ForecastModule(pl.LightningModule):
         return StepOutput(loss.total, batch.x, batch.y, pred_phys)
 
     def validation_step(self, batch: Any, batch_idx: int) -> StepOutput:
-        return self._eval_step(batch, self.val_metrics, "val")
+        return self._eval_step(batch, self.val_metrics, "val", batch_idx)
 
     def test_step(self, batch: Any, batch_idx: int) -> StepOutput:
-        out = self._eval_step(batch, self.test_metrics, "test")
+        out = self._eval_step(batch, self.test_metrics, "test", batch_idx)
         if self.test_metrics.ensemble is not None:
             self.test_metrics.update_ensemble(self.ensemble_members(batch.x).fields, batch.y)
         return out

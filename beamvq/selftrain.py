@@ -102,6 +102,8 @@ class SearchConfig:
             errors.append(f"search.ensemble must be one of {search.ENSEMBLE_MODES}")
         if not self.temperature > 0:
             errors.append(f"search.temperature must be > 0, got {self.temperature}")
+        if isinstance(self.margin, bool) or not math.isfinite(self.margin):
+            errors.append(f"search.margin must be a finite number, got {self.margin}")
         if not errors:
             errors += self._top_k_errors()
         if errors:

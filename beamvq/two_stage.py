@@ -76,9 +76,12 @@ mlp_ratio 4; 10 frames) the extra stage has 16,121,793 parameters, about their 1
 
 from __future__ import annotations
 
+from functools import partial
+
 from einops import rearrange
 from torch import Tensor, nn
 
+from beamvq.arguments import at_least, backbone_key, positive
 from beamvq.backbones.base import Backbone, Encoded, count_parameters, divisible_grid_error
 from beamvq.model import VQForecaster
 from beamvq.nn.conv import ConvNormAct, ResidualBlock
@@ -170,8 +173,10 @@ class TwoStage(Backbone):
         if not isinstance(base, Backbone):
             raise TypeError(f"TwoStage: base must be a Backbone, got {type(base).__name__}")
         super().__init__(base.in_steps, base.out_steps, base.in_channels, base.out_channels)
-        if hidden < 2 or hidden % 2:
-            raise ValueError(f"TwoStage: hidden must be an even number >= 2, got {hidden}")
+        key = partial(backbone_key, "TwoStage")
+        at_least(key("hidden"), hidden, 2)
+        if hidden % 2:
+            raise ValueError(f"{key('hidden')} must be an even number >= 2, got {hidden}")
         for name, value, low in (
             ("latent_dim", latent_dim, 1),
             ("downsample", downsample, 1),
@@ -179,10 +184,8 @@ class TwoStage(Backbone):
             ("refiner_hidden", refiner_hidden, 1),
             ("refiner_depth", refiner_depth, 1),
         ):
-            if int(value) < low:
-                raise ValueError(f"TwoStage: {name} must be >= {low}, got {value}")
-        if not mlp_ratio > 0:
-            raise ValueError(f"TwoStage: mlp_ratio must be > 0, got {mlp_ratio}")
+            at_least(key(name), value, low)
+        positive(key("mlp_ratio"), mlp_ratio)
         self.base = base
         self.latent_dim = int(latent_dim)
         self.downsample = int(downsample)

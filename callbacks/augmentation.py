@@ -18,12 +18,14 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from beamvq.callbacks import wandb_media
 from beamvq.callbacks.beam_search import BeamSearchAugmentation
+from beamvq.callbacks.checks import at_least, check_channel
 from beamvq.callbacks.figures.augmentation import PoolExample, augmentation_figure
 from beamvq.callbacks.figures.style import plot_dir, rmse, save_figure
 from beamvq.callbacks.forecast_images import data_style
 from beamvq.protocols import SOURCE_KINDS, ForecastData, PoolSamples, SearchableModel
 
 log = logging.getLogger(__name__)
+WHO = "AugmentationReport"
 
 
 def pool_truths(dm: ForecastData, samples: PoolSamples) -> list[np.ndarray | None]:
@@ -69,10 +71,8 @@ class AugmentationReport(pl.Callback):
     def __init__(
         self, dirpath: str | None = None, examples: int = 3, channel: int = 0, dpi: int = 90
     ) -> None:
-        if examples < 0 or channel < 0:
-            raise ValueError(
-                f"AugmentationReport: examples and channel must be >= 0, got {examples}, {channel}"
-            )
+        at_least(WHO, 0, examples=examples, channel=channel)
+        at_least(WHO, 10, dpi=dpi)
         self.dirpath = dirpath
         self.examples = int(examples)
         self.channel = int(channel)
@@ -86,7 +86,10 @@ class AugmentationReport(pl.Callback):
         return found[0] if found else None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and self._search(trainer) is None:
+        if stage != "fit":
+            return
+        check_channel(WHO, self.channel, trainer.datamodule)
+        if self._search(trainer) is None:
             log.warning("AugmentationReport: no BeamSearchAugmentation callback; nothing to report")
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

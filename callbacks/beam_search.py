@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import time
 from functools import partial
+from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import pytorch_lightning as pl
@@ -51,12 +52,12 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
-from beamvq.callbacks.checks import require
+from beamvq.callbacks.checks import data_channels, require
 from beamvq.callbacks.progress import search_progress
-from beamvq.callbacks.search_inputs import TARGETS, SearchInputs, check_arguments
+from beamvq.callbacks.search_inputs import TARGETS, SearchInputs, check_arguments, check_scorers
 from beamvq.callbacks.tables import EpochRecord
 from beamvq.datamodules.io import write_netcdf
-from beamvq.distributed import map_sharded
+from beamvq.distributed import check_ranks_agree, map_sharded
 from beamvq.metrics import Scorer
 from beamvq.protocols import SOURCE_KINDS, ForecastData, SearchableModel, UnlabelledInputs
 from beamvq.selftrain import (
@@ -142,7 +143,7 @@ class BeamSearchAugmentation(pl.Callback):
                        fit_windows=fit_windows, search_batch_size=search_batch_size)  # fmt: skip
         check_arguments(numbers, free_scorer, int(inputs.unlabelled))
         if target not in TARGETS:
-            raise ValueError(f"{WHO}: target must be one of {TARGETS}, got {target!r}")
+            raise ValueError(f"{WHO}: init_args.target must be one of {TARGETS}, got {target!r}")
         self.scorer, self.unlabelled_scorer, self.search_config = scorer, free_scorer, search
         self.every_n_epochs, self.start_epoch = int(every_n_epochs), int(start_epoch)
         self.inputs, self.target = inputs, target
@@ -161,8 +162,11 @@ class BeamSearchAugmentation(pl.Callback):
                 "reload_dataloaders_every_n_epochs: 1 (got "
                 f"{trainer.reload_dataloaders_every_n_epochs})"
             )
-        require(trainer.datamodule, ForecastData, WHO, "datamodule")
+        dm = require(trainer.datamodule, ForecastData, WHO, "datamodule")
         self.resolved(require(pl_module, SearchableModel, WHO, "module"))
+        check_scorers(self.scorer, self.unlabelled_scorer, data_channels(dm))
+        if self.pool_output and Path(self.pool_output).is_dir():
+            raise ValueError(f"{WHO}: init_args.pool_output {self.pool_output} is a folder")
 
     def resolved(self, model: SearchableModel) -> SearchConfig:
         """The search settings for ``model`` (its ``candidate_k`` and ``rollout_steps`` where
@@ -172,6 +176,12 @@ class BeamSearchAugmentation(pl.Callback):
             raise ValueError(
                 f"{WHO} needs a model.bottleneck and candidate_k >= 2 (the beams expand into "
                 f"code-bank candidates); got candidate_k={k}, codebook_size={model.codebook_size}"
+            )
+        if k > model.codebook_size:
+            key = "search.candidate_k" if self.search_config.candidate_k else "model.candidate_k"
+            raise ValueError(
+                f"{WHO}: {key} = {k} is larger than model.bottleneck.init_args.codebook_size = "
+                f"{model.codebook_size} (each candidate is another code)"
             )
         config = self.search_config.resolved(k, model.rollout_steps)
         if config.rollout_steps != model.rollout_steps:
@@ -238,10 +248,28 @@ class BeamSearchAugmentation(pl.Callback):
         self.history.append(record)
         for name, value in record.metrics().items():
             pl_module.log(name, value, on_step=False, on_epoch=True)
+        for name, value in self._rank_checksums(trainer, pl_module, dm).items():
+            pl_module.log(f"beamvq/checksum_{name}", value, on_step=False, on_epoch=True)
         rank_zero_info(record.summary())
         if self.pool_output and trainer.is_global_zero and dm.pool.size:
             # the datamodule's pool describes itself as a dataset (not part of protocols.Pool)
             write_netcdf(dm.pool.to_dataset(dm.info()), self.pool_output)
+
+    @staticmethod
+    def _rank_checksums(
+        trainer: pl.Trainer, pl_module: pl.LightningModule, dm: ForecastData
+    ) -> dict[str, float]:
+        """Checksums of the pool and the code bank after the search, compared over the DDP
+        ranks: a difference stops the run (``RanksDisagree``) instead of training on copies that
+        drifted apart (docs/reliability.md)."""
+        pool = dm.pool.samples()
+        bank = [b for n, b in pl_module.named_buffers() if "_codebook." in n]
+        groups = {"pool": [pool.x, pool.y, pool.score], "codebank": bank}
+
+        def gather(t: Tensor) -> Tensor:
+            return trainer.strategy.all_gather(t.to(pl_module.device))
+
+        return check_ranks_agree(gather, trainer.world_size, groups)
 
     def _search_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Accepted:
         """Search this rank's share of the epoch's inputs, gather over ranks, keep the accepted."""

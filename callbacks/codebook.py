@@ -15,7 +15,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 
 from beamvq.callbacks import wandb_media
-from beamvq.callbacks.checks import require
+from beamvq.callbacks.checks import at_least, require
 from beamvq.callbacks.figures.codebook import usage_figure
 from beamvq.callbacks.figures.style import plot_dir, save_figure
 from beamvq.callbacks.tables import CodeUsage, code_usage
@@ -38,8 +38,8 @@ class CodebookUsageReport(pl.Callback):
     """
 
     def __init__(self, dirpath: str | None = None, batches: int = 4, dpi: int = 90) -> None:
-        if batches < 1:
-            raise ValueError(f"CodebookUsageReport: batches must be >= 1, got {batches}")
+        at_least("CodebookUsageReport", 1, batches=batches)
+        at_least("CodebookUsageReport", 10, dpi=dpi)
         self.dirpath = dirpath
         self.batches = int(batches)
         self.dpi = int(dpi)

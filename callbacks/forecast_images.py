@@ -21,12 +21,14 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 
 from beamvq.callbacks import wandb_media
+from beamvq.callbacks.checks import at_least, check_channel
 from beamvq.callbacks.figures.animation import rollout_animation
 from beamvq.callbacks.figures.forecast import ensemble_panel, forecast_panel
 from beamvq.callbacks.figures.style import FieldStyle, Sample, field_style, plot_dir, save_figure
 from beamvq.protocols import ForecastData, SearchableModel
 
 log = logging.getLogger(__name__)
+WHO = "ForecastImageLogger"
 
 
 def data_style(trainer: pl.Trainer, channel: int) -> FieldStyle:
@@ -77,13 +79,11 @@ class ForecastImageLogger(pl.Callback):
         fps: int = 2,
         dpi: int = 90,
     ) -> None:
-        if channel < 0 or max_leads < 1 or fps < 1 or dpi < 10:
-            raise ValueError(
-                "ForecastImageLogger: channel must be >= 0, max_leads and fps >= 1, dpi >= 10; "
-                f"got channel={channel}, max_leads={max_leads}, fps={fps}, dpi={dpi}"
-            )
-        if members is not None and members < 2:
-            raise ValueError(f"ForecastImageLogger: members must be >= 2 or None, got {members}")
+        at_least(WHO, 0, channel=channel)
+        at_least(WHO, 1, max_leads=max_leads, fps=fps)
+        at_least(WHO, 10, dpi=dpi)
+        if members is not None:
+            at_least(WHO, 2, members=members)
         self.dirpath, self.channel, self.max_leads = dirpath, int(channel), int(max_leads)
         self.ensemble, self.members, self.animation = bool(ensemble), members, bool(animation)
         self.fps, self.dpi = int(fps), int(dpi)
@@ -91,6 +91,17 @@ class ForecastImageLogger(pl.Callback):
         self._last_val: Sample | None = None
         self._last_val_epoch: int | None = None
         self.saved: list[Path] = []
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """The channel against the data and the panel's members against the code bank, before
+        the first batch."""
+        check_channel(WHO, self.channel, trainer.datamodule)
+        size = int(getattr(pl_module, "codebook_size", 0) or 0)
+        if self.ensemble and self.members is not None and size and self.members > size:
+            raise ValueError(
+                f"{WHO}: init_args.members = {self.members} is larger than "
+                f"model.bottleneck.init_args.codebook_size = {size} (one code per member)"
+            )
 
     def _capture(self, pl_module: pl.LightningModule, outputs: Any) -> None:
         c = self.channel

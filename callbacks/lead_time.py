@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_only
 
 from beamvq.callbacks import wandb_media
+from beamvq.callbacks.checks import at_least
 from beamvq.callbacks.figures.leads import lead_figure
 from beamvq.callbacks.figures.style import plot_dir, save_figure
 from beamvq.callbacks.tables import (
@@ -42,8 +43,7 @@ class LeadTimeReport(pl.Callback):
     """
 
     def __init__(self, dirpath: str | None = None, dpi: int = 90) -> None:
-        if dpi < 10:
-            raise ValueError(f"LeadTimeReport: dpi must be >= 10, got {dpi}")
+        at_least("LeadTimeReport", 10, dpi=dpi)
         self.dirpath = dirpath
         self.dpi = int(dpi)
         self.val_history: list[tuple[str, LeadTable]] = []

@@ -35,16 +35,30 @@ class SearchInputs:
 
     def __post_init__(self) -> None:
         if self.windows is not None and int(self.windows) < 1:
-            raise ValueError(f"{WHO}: inputs.windows must be >= 1 or null, got {self.windows}")
+            raise ValueError(
+                f"{WHO}: init_args.inputs.windows must be >= 1 or null, got {self.windows}"
+            )
         for name in ("unlabelled", "validation"):
             if int(getattr(self, name)) < 0:
-                raise ValueError(f"{WHO}: inputs.{name} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(
+                    f"{WHO}: init_args.inputs.{name} must be >= 0, got {getattr(self, name)}"
+                )
         if self.validation and not self.allow_validation_leak:
             raise ValueError(
-                f"{WHO}: inputs.validation={self.validation} pseudo-labels validation inputs, "
+                f"{WHO}: init_args.inputs.validation={self.validation} pseudo-labels validation inputs, "
                 "which leaks the validation data into training (the authors' protocol): set "
                 "inputs.allow_validation_leak: true to run it, and report it as leaking"
             )
+
+
+def check_scorers(scorer: Scorer, unlabelled_scorer: Scorer, channels: int | None) -> None:
+    """The channels the scorers read exist in the data (``Scorer.check_channels``)."""
+    if channels is None:
+        return
+    for name, s in (("scorer", scorer), ("unlabelled_scorer", unlabelled_scorer)):
+        check = getattr(s, "check_channels", None)
+        if callable(check):
+            check(channels, f"{WHO}: init_args.{name}")
 
 
 def check_arguments(values: dict[str, int | None], scorer: Scorer, windows: int) -> None:
@@ -52,12 +66,12 @@ def check_arguments(values: dict[str, int | None], scorer: Scorer, windows: int)
     low = {"every_n_epochs": 1, "start_epoch": 0}
     for name, value in values.items():
         if name in low and int(value or 0) < low[name]:
-            raise ValueError(f"{WHO}: {name} must be >= {low[name]}, got {value}")
+            raise ValueError(f"{WHO}: init_args.{name} must be >= {low[name]}, got {value}")
         if name not in low and value is not None and int(value) < 1:
-            raise ValueError(f"{WHO}: {name} must be >= 1 or None, got {value}")
+            raise ValueError(f"{WHO}: init_args.{name} must be >= 1 or None, got {value}")
     if windows > 0 and scorer.requires_reference:
         raise ValueError(
-            f"{WHO}: inputs.unlabelled > 0 needs a reference-free scorer (the inputs have no "
+            f"{WHO}: init_args.inputs.unlabelled > 0 needs a reference-free scorer (the inputs have no "
             f"recorded future), but {type(scorer).__name__} needs one: set unlabelled_scorer "
             "(e.g. SpectrumScorer, TKEScorer)"
         )

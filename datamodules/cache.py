@@ -16,6 +16,9 @@ The key hashes the files' absolute paths, sizes and modification times and the s
 changed file or selection gets a new entry and a stale one is never used. An entry is written in
 a temporary folder and renamed into place (atomic on POSIX): a folder that exists is complete,
 and two processes converting at once (several nodes on a shared filesystem) leave one good copy.
+The temporary folder, ``.<entry>.<host>-<pid>.<random>.tmp``, says who converts: a conversion
+killed half-way leaves it (gigabytes), and the next run's cache step removes every such folder of
+the cache whose converter is gone (``beamvq.datamodules.io.is_stale``), in one log line.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -33,12 +37,18 @@ from typing import NamedTuple
 
 import numpy as np
 
+from beamvq.datamodules.io import remove_temporaries, stale_temporaries, temporary_prefix
 from beamvq.datamodules.scan import Layout
 
 log = logging.getLogger(__name__)
 
 # bump when the file layout changes, so old entries are not read with new code
 CACHE_VERSION = 1
+# the temporary folder of a conversion: ".<stem>-<key>.<host>-<pid>.<random>.tmp" (earlier
+# versions: no "<host>-<pid>."), in the cache folder; nothing else there is ever removed
+TEMP_ENTRY = re.compile(
+    r"^\..+-[0-9a-f]{16}\.(?:(?P<owner>[A-Za-z0-9_]+-\d+)\.)?[a-z0-9_]{8}\.tmp$"
+)
 
 
 class CacheEntry(NamedTuple):
@@ -86,6 +96,13 @@ def entry_dir(root: Path, name: str) -> Path:
     return Path(root) / name
 
 
+def remove_interrupted_conversions(root: Path) -> list[Path]:
+    """Delete the temporary folders that killed conversions left in the cache folder ``root``
+    (``TEMP_ENTRY`` whose converter is gone), with one log line; returns what was removed."""
+    found = [p for p in stale_temporaries(Path(root), TEMP_ENTRY) if p.is_dir()]
+    return remove_temporaries(found, "cache conversion")
+
+
 def load_entry(folder: Path) -> CacheEntry:
     with np.load(folder / "stats.npz") as npz:
         stats = {k: npz[k] for k in npz.files}
@@ -105,11 +122,12 @@ def ensure_cache(
     per-frame statistics arrays, stored beside the data.
     """
     folder = entry_dir(root, name)
+    remove_interrupted_conversions(root)
     if (folder / "data.npy").is_file() and (folder / "stats.npz").is_file():
         return load_entry(folder)
     try:
         Path(root).mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
+        tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(name), suffix=".tmp", dir=root))
     except OSError as err:
         raise OSError(f"data.cache.dir: cannot create the cache folder {root}: {err}") from err
     size_gb = float(np.prod(shape)) * 4 / 2**30

@@ -2,7 +2,12 @@
 
 Files and the time steps used of each, detected dims, grid and latitude order, time span, step
 and gaps, the array's shape and where it lives, per channel its units, training mean/std,
-min/max and NaN fraction, and the windows of every split (docs/data.md shows one).
+min/max and NaN fraction, the windows of every split (docs/data.md shows one), and warnings:
+variables constant in the training split, a fit without validation windows.
+
+The checks of a split that a run needs (``require_windows``: ``validate``, ``test`` and
+``predict`` refuse a split without windows before any work; ``validation_warning``: ``fit``
+without validation windows trains without validation) also live here.
 """
 
 from __future__ import annotations
@@ -11,12 +16,75 @@ from typing import NamedTuple
 
 import numpy as np
 
-from beamvq.datamodules.config import SPLITS, WindowConfig
+from beamvq.checkpoint_files import Refusal
+from beamvq.datamodules.config import SPLITS, SplitConfig, WindowConfig
 from beamvq.datamodules.conventions import fmt_step, fmt_time
-from beamvq.datamodules.reading import FrameStats
+from beamvq.datamodules.reading import FrameStats, constant_channels
 from beamvq.datamodules.scan import Layout
 from beamvq.datamodules.splits import SplitPlan
 from beamvq.protocols import Normalization
+
+
+class EmptySplit(Refusal, ValueError):
+    """A run that needs the windows of a split without any (the console prints it in one line)."""
+
+
+def _split_setting(splits: SplitConfig, split: str) -> str:
+    if splits.by_date:
+        return f"data.splits.{split}_period={splits.periods[split]}"
+    return f"data.splits.fractions={list(splits.fractions)}"
+
+
+def _split_content(plan: SplitPlan, split: str) -> str:
+    frames = plan.frames[split]
+    if not frames.any():
+        return "holds no frame"
+    samples = int(frames.any(axis=1).sum())
+    return f"holds {int(frames.sum())} frames ({samples} sample(s)) but no complete window"
+
+
+def require_windows(plan: SplitPlan, split: str, splits: SplitConfig, label: str, run: str) -> None:
+    """Refuse ``run`` (``"beamvq predict"``...) on ``split`` when it has no window, naming the
+    split, what it holds and the setting that made it so."""
+    if len(plan.starts[split]) > 0:
+        return
+    also = " or set data.splits.predict_split" if "predict" in run else ""
+    raise EmptySplit(
+        f"{label}: {run} needs windows of the {split} split, but it "
+        f"{_split_content(plan, split)} ({_split_setting(splits, split)}): it would write "
+        f"nothing. Give the {split} split data{also}."
+    )
+
+
+def check_stage_windows(
+    plan: SplitPlan, splits: SplitConfig, stage: str | None, label: str
+) -> str | None:
+    """Before ``stage`` runs: refuse ``validate``/``test``/``predict`` on a split without
+    windows (``require_windows``); for ``fit`` (or no stage) return the ``validation_warning``
+    to give, if any."""
+    if stage == "predict":
+        split = splits.predict_split
+        run = f"beamvq predict (data.splits.predict_split={split!r})"
+        require_windows(plan, split, splits, label, run)
+    elif stage in ("validate", "test"):
+        require_windows(
+            plan, "val" if stage == "validate" else "test", splits, label, f"beamvq {stage}"
+        )
+    elif stage in (None, "fit"):
+        return validation_warning(plan, splits, label)
+    return None
+
+
+def validation_warning(plan: SplitPlan, splits: SplitConfig, label: str) -> str | None:
+    """What ``fit`` does without validation windows, or None when there are some."""
+    if len(plan.starts["val"]) > 0:
+        return None
+    return (
+        f"{label}: the val split {_split_content(plan, 'val')} "
+        f"({_split_setting(splits, 'val')}): fit trains without validation, so no val/* metric "
+        "is logged and a ModelCheckpoint monitoring one saves no checkpoint (LastCheckpoint "
+        "still writes last.ckpt every epoch)"
+    )
 
 
 class CheckInput(NamedTuple):
@@ -39,6 +107,7 @@ def check_report(data: CheckInput) -> str:
     lines += _axis_lines(data)
     lines += _channel_lines(data)
     lines += _window_lines(data)
+    lines += _warning_lines(data)
     return "\n".join(lines)
 
 
@@ -114,3 +183,18 @@ def _window_lines(data: CheckInput) -> list[str]:
             f"{len(plan.samples[split]):>4}  time {span}"
         )
     return lines
+
+
+def _warning_lines(data: CheckInput) -> list[str]:
+    plan, warnings = data.plan, []
+    if "train" in plan.frames:
+        constant = constant_channels(data.stats, plan.frames["train"])
+        warnings += [
+            f"variable {ch.name!r} is constant in the training split: normalized by 1, "
+            "forecast as a constant"
+            for ch, flag in zip(data.layout.channels, constant)
+            if flag
+        ]
+    if "val" in plan.starts and len(plan.starts["val"]) == 0:
+        warnings.append("no validation window: fit trains without validation")
+    return [f"  warning: {w}" for w in warnings]

@@ -216,6 +216,23 @@ class DimsConfig:
     x: str | None = None
     level: str | None = None
 
+    def __post_init__(self) -> None:
+        given: dict[str, str] = {}
+        for role in ("sample", "time", "y", "x", "level"):
+            name = getattr(self, role)
+            if name is None and role != "sample":
+                continue
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError(
+                    f"data.dims.{role} must be a dim name (a non-empty string), got {name!r}"
+                )
+            if name in given:
+                raise ValueError(
+                    f"data.dims.{role} and data.dims.{given[name]} name the same dim {name!r}: "
+                    "each role needs its own dim"
+                )
+            given[name] = role
+
     def role(self, name: str) -> str | None:
         """The dim given for ``name`` (``"time"``, ``"y"``, ``"x"`` or ``"level"``)."""
         return getattr(self, name)
@@ -265,6 +282,11 @@ class CacheConfig:
     per_node: bool = False
 
     def __post_init__(self) -> None:
+        above = self.above_mb
+        if isinstance(above, bool) or not isinstance(above, (int, float)) or not above >= 0:
+            raise ValueError(f"data.cache.above_mb must be a size in MiB >= 0, got {above!r}")
+        if self.dir is not None and (not isinstance(self.dir, str) or not self.dir.strip()):
+            raise ValueError(f"data.cache.dir must be a folder path or null, got {self.dir!r}")
         _set(self, "above_mb", float(self.above_mb))
         _set(self, "per_node", bool(self.per_node))
 

@@ -29,11 +29,12 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import xarray as xr
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from beamvq.datamodules import cache as cache_mod
-from beamvq.datamodules.check import CheckInput, check_report
+from beamvq.datamodules.check import CheckInput, check_report, check_stage_windows
 from beamvq.datamodules.config import (
     CacheConfig,
     DimsConfig,
@@ -243,6 +244,9 @@ class NetCDFDataModule(SettingsView, pl.LightningDataModule):
             ready = prepare(lay, data, cache_file, stats, *args)
         self._prepared = ready
         self.normalization = ready.normalization
+        warning = check_stage_windows(ready.plan, self.splits, stage, self._label())
+        if warning is not None:
+            rank_zero_warn(warning)
 
     def prepared(self) -> PreparedData:
         """The data after setup (runs it first when needed)."""

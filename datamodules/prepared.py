@@ -17,7 +17,13 @@ from typing import NamedTuple
 import numpy as np
 
 from beamvq.datamodules.config import SPLITS, QualityConfig, SplitConfig, WindowConfig
-from beamvq.datamodules.reading import FrameStats, check_nans, combine, fill_nans, frame_mean
+from beamvq.datamodules.reading import (
+    FrameStats,
+    check_nans,
+    fill_nans,
+    frame_mean,
+    training_moments,
+)
 from beamvq.datamodules.scan import Layout, files_label
 from beamvq.datamodules.splits import SplitInput, SplitPlan, plan_splits, resolve_step
 from beamvq.datamodules.windows import MemmapWindowDataset, WindowDataset
@@ -133,7 +139,7 @@ def prepare(
     nan_frames = stats.nonfinite.sum(axis=2) > 0
     split_input = SplitInput(lay.time, lay.n_samples, lay.sample_dim, nan_frames, label)
     plan = plan_splits(split_input, windows, splits, quality.nan_policy, step)
-    mean, std = combine(stats, plan.frames["train"])
+    mean, std = training_moments(lay, stats, plan.frames["train"], label)
     fill = None
     if stats.nonfinite.sum() and quality.nan_policy == "fill":
         if data is None:

@@ -6,7 +6,14 @@ frames per read, into an array ``(sample, time, channel, y, x)`` (in memory, or 
 per-frame statistics (``FrameStats``: count of finite values, mean, sum of squared deviations,
 min, max); any set of frames then combines exactly (Chan, Golub and LeVeque 1979, "Updating
 formulae and a pairwise algorithm for computing sample variances"), so the training split's
-normalization and the NaN checks need no second pass over the data.
+normalization and the value checks need no second pass over the data.
+
+The value checks, before any work: a variable entirely NaN, or NaN beyond
+``data.quality.max_nan_fraction``, stops (``check_nans``); so does one holding values millions of
+typical spreads away from its typical value (``check_outliers``: undeclared fill values such as
+1e30, which would set the standard deviation and flatten everything else), found from the
+per-frame minimum and maximum. A variable constant in the training split is normalized by 1
+(not by a std of 0) and named in a warning (``training_moments``).
 """
 
 from __future__ import annotations
@@ -15,12 +22,19 @@ from typing import NamedTuple
 
 import numpy as np
 import xarray as xr
+from pytorch_lightning.utilities import rank_zero_warn
 
-from beamvq.datamodules.conventions import coord_values, open_netcdf
+from beamvq.datamodules.conventions import coord_values, fmt_time, open_netcdf
 from beamvq.datamodules.scan import Channel, FileTimes, Layout
 
 # a read block is at most this many bytes of float32, so huge files stream through
 READ_BLOCK_BYTES = 64 * 2**20
+# a channel whose training std is at most this fraction of its largest magnitude is constant
+# (float32 holds about 7 digits: below that the "variation" is rounding); it is normalized by 1
+CONSTANT_RTOL = 1e-6
+# a value this many typical spreads away from the typical value is not a measurement but an
+# undeclared fill value (1e20, 1e30, 9.97e36): data.quality cannot tell it from data
+OUTLIER_SPREADS = 1e6
 
 
 class FrameStats(NamedTuple):
@@ -175,18 +189,65 @@ def block_stats(block: np.ndarray, stats: FrameStats, where: tuple) -> None:
         )
 
 
-def combine(stats: FrameStats, frames: np.ndarray) -> Moments:
-    """Per-channel mean and std over the frames ``(S, T)`` selected (exact, from frame stats)."""
+def _raw_moments(stats: FrameStats, frames: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per-channel mean, std (0 for constant data), finite count and largest magnitude over the
+    frames ``(S, T)`` selected (exact, from frame stats)."""
     n = stats.count[frames].astype(np.float64)  # (F, C)
     total = n.sum(0)
     mean = (n * stats.mean[frames]).sum(0) / np.maximum(total, 1)
     m2 = stats.m2[frames].sum(0) + (n * (stats.mean[frames] - mean) ** 2).sum(0)
     std = np.sqrt(m2 / np.maximum(total, 1))
-    return Moments(mean, np.where(std > 0, std, 1.0))
+    ends = np.abs(np.concatenate([stats.minimum[frames], stats.maximum[frames]]))
+    magnitude = np.where(np.isnan(ends), 0.0, ends).max(0, initial=0.0)
+    return mean, std, total, magnitude
+
+
+def constant_channels(stats: FrameStats, frames: np.ndarray) -> np.ndarray:
+    """``(C,)`` True where a channel is constant over the frames selected (``CONSTANT_RTOL``;
+    also where it has no finite value there)."""
+    _, std, _, magnitude = _raw_moments(stats, frames)
+    return std <= CONSTANT_RTOL * magnitude
+
+
+def combine(stats: FrameStats, frames: np.ndarray) -> Moments:
+    """Per-channel mean and std over the frames ``(S, T)`` selected (exact, from frame stats);
+    the std is 1 where the data are constant (``constant_channels``)."""
+    mean, std, _, _ = _raw_moments(stats, frames)
+    return Moments(mean, np.where(constant_channels(stats, frames), 1.0, std))
+
+
+def _channel_name(ch: Channel) -> str:
+    return f"{ch.variable!r}" + (f" at level {ch.level:g}" if ch.level is not None else "")
+
+
+def training_moments(lay: Layout, stats: FrameStats, frames: np.ndarray, label: str) -> Moments:
+    """``combine`` over the training frames ``(S, T)``, with a warning naming each variable that
+    is constant there (or has no finite value there): it is normalized by 1 instead of its std
+    and the model learns to forecast it as that constant."""
+    _, std, total, _ = _raw_moments(stats, frames)
+    for c in np.flatnonzero(constant_channels(stats, frames)):
+        what = f"{label}: variable {_channel_name(lay.channels[c])}"
+        if total[c] == 0:
+            rank_zero_warn(
+                f"{what} has no finite value in the training split: it is normalized with "
+                "mean 0 and std 1; check data.splits and the variable's NaNs"
+            )
+            continue
+        lo = np.nanmin(stats.minimum[frames][:, c])
+        hi = np.nanmax(stats.maximum[frames][:, c])
+        values = f"{lo:g} everywhere" if lo == hi else f"values {lo:g} .. {hi:g}"
+        rank_zero_warn(
+            f"{what} is constant in the training split ({values}, std {std[c]:.3g}): it is "
+            "normalized by 1 instead of its std and forecast as a constant; drop it from "
+            "data.variables if it should vary"
+        )
+    return combine(stats, frames)
 
 
 def check_nans(lay: Layout, stats: FrameStats, max_nan_fraction: float) -> None:
-    """Stop on an all-NaN variable or a NaN fraction above the threshold, naming the file."""
+    """The value checks before any work, naming the file and the variable: stop on an all-NaN
+    variable, a NaN fraction above the threshold, or values far outside the variable's range
+    (``check_outliers``)."""
     offset = 0
     pixels = len(lay.y_index) * len(lay.x_index)
     for ft in lay.files:
@@ -195,9 +256,7 @@ def check_nans(lay: Layout, stats: FrameStats, max_nan_fraction: float) -> None:
         for c, ch in enumerate(lay.channels):
             bad = int(stats.nonfinite[:, sl, c].sum())
             total = stats.nonfinite[:, sl, c].size * pixels
-            what = f"variable {ch.variable!r}" + (
-                f" at level {ch.level:g}" if ch.level is not None else ""
-            )
+            what = f"variable {_channel_name(ch)}"
             if bad == total:
                 raise ValueError(
                     f"{ft.path}: {what} is entirely NaN/_FillValue ({total} values); "
@@ -211,6 +270,101 @@ def check_nans(lay: Layout, stats: FrameStats, max_nan_fraction: float) -> None:
                     "data.quality.max_nan_fraction and choose data.quality.nan_policy "
                     "('fill' or 'mask')"
                 )
+    check_outliers(lay, stats)
+
+
+class Typical(NamedTuple):
+    """A channel's typical value (median of the frame means) and spread (median range of the
+    frames that vary, at least the median deviation of the frame means): a few frames holding
+    wild values change neither."""
+
+    center: float
+    spread: float
+
+
+def typical_values(stats: FrameStats, c: int) -> Typical:
+    """The ``Typical`` value and spread of channel ``c`` from its per-frame statistics."""
+    ok = stats.count[..., c] > 0
+    means = stats.mean[..., c][ok]
+    if means.size == 0:
+        return Typical(0.0, 1.0)
+    ranges = (stats.maximum[..., c] - stats.minimum[..., c])[ok]
+    center = float(np.median(means))
+    varying = ranges[ranges > 0]
+    spread = max(
+        float(np.median(varying)) if varying.size else 0.0,
+        float(np.median(np.abs(means - center))),
+    )
+    return Typical(center, spread if spread > 0 else max(abs(center), 1.0))
+
+
+def check_outliers(lay: Layout, stats: FrameStats) -> None:
+    """Stop on a variable holding values ``OUTLIER_SPREADS`` typical spreads away from its
+    typical value, naming the file, the variable and where the first such value is (frames from
+    the per-frame statistics; the one frame is read again for the grid position)."""
+    for c, ch in enumerate(lay.channels):
+        typ = typical_values(stats, c)
+        limit = OUTLIER_SPREADS * typ.spread
+        with np.errstate(invalid="ignore"):
+            wild = (stats.maximum[..., c] > typ.center + limit) | (
+                stats.minimum[..., c] < typ.center - limit
+            )
+        if not wild.any():
+            continue
+        t, s = (int(v) for v in np.argwhere(wild.T)[0])  # the first in time
+        where, value = _locate_value(lay, ch, t, s, typ.center)
+        ft = _file_of(lay, t)[0]
+        std = _raw_moments(stats, np.ones(stats.count.shape[:2], bool))[1]
+        raise ValueError(
+            f"{ft.path}: variable {_channel_name(ch)} holds values far outside its range: "
+            f"{value:.4g} at {where}, while its typical values are {typ.center:.4g} +- "
+            f"{typ.spread:.3g}; {int(wild.sum())} frame(s) hold such values, which would make "
+            f"the std {std[c]:.3g} and flatten every other value. If they mark missing data, "
+            "make them NaN (declare the value as the variable's _FillValue or missing_value "
+            "attribute, or write NaN): data.quality.nan_policy then fills or masks them"
+        )
+
+
+def _file_of(lay: Layout, t: int) -> tuple[FileTimes, int]:
+    """The file holding frame ``t`` of the selection, and the frame's position in the selection
+    of that file."""
+    offset = 0
+    for ft in lay.files:
+        if t < offset + ft.time_index.size:
+            return ft, t - offset
+        offset += ft.time_index.size
+    raise IndexError(t)
+
+
+def _label(value: object) -> str:
+    try:
+        return f"{float(value):g}"  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _locate_value(lay: Layout, ch: Channel, t: int, s: int, center: float) -> tuple[str, float]:
+    """``"time ... (time index i of the file), sample ..., y=... x=..."`` of the value farthest
+    from ``center`` in frame ``t`` of sample ``s``, and that value (that frame is read again)."""
+    ft, local = _file_of(lay, t)
+    y_sel, y_post = index_plan(lay.y_index)
+    x_sel, x_post = index_plan(lay.x_index)
+    t_file = ft.time_index[local : local + 1]
+    with open_netcdf(ft.path) as ds:
+        var = ds[ch.variable]
+        sel = _channel_selection(ds, var, lay, ch, {lay.y_dim: y_sel, lay.x_dim: x_sel})
+        frame = _read_block(var, sel, t_file, lay, (y_post, x_post), ft.path)[s, 0]
+    dev = np.where(np.isfinite(frame), np.abs(frame.astype(np.float64) - center), -1.0)
+    iy, ix = np.unravel_index(int(np.argmax(dev)), frame.shape)
+    sample = ""
+    if lay.sample_dim is not None:
+        sample = f", {lay.sample_dim} {_label(lay.coords[lay.sample_dim].values[s])}"
+    where = (
+        f"time {fmt_time(lay.time[t])} (time index {int(t_file[0])} of the file){sample}, "
+        f"{lay.y_dim}={_label(lay.coords[lay.y_dim].values[iy])} "
+        f"{lay.x_dim}={_label(lay.coords[lay.x_dim].values[ix])}"
+    )
+    return where, float(frame[iy, ix])
 
 
 def fill_nans(data: np.ndarray, fill: np.ndarray) -> None:

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from torch import Tensor, nn
 
+from beamvq.arguments import backbone_key, positive_int
 from beamvq.nn.moe import begin_aux_collection, pop_aux_loss, pop_stats
 
 
@@ -64,8 +65,7 @@ class Backbone(nn.Module, ABC):
             ("in_channels", in_channels),
             ("out_channels", out_channels),
         ):
-            if int(value) < 1:
-                raise ValueError(f"{type(self).__name__}: {name} must be >= 1, got {value}")
+            positive_int(backbone_key(type(self).__name__, name), value)
         self.in_steps = int(in_steps)
         self.out_steps = int(out_steps)
         self.in_channels = int(in_channels)

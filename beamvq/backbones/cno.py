@@ -41,12 +41,15 @@ Choices:
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from beamvq.arguments import at_least, backbone_key, non_negative_int, one_of, positive_int
 from beamvq.backbones.base import Backbone, Encoded, divisible_grid_error
-from beamvq.nn.spectral import FilteredLeakyReLU
+from beamvq.nn.spectral import RESAMPLING_METHODS, FilteredLeakyReLU
 
 Size = tuple[int, int]
 
@@ -129,15 +132,13 @@ class CNO(Backbone):
         resampling: str = "fft",
     ) -> None:
         super().__init__(in_steps, out_steps, in_channels, out_channels)
-        if num_levels < 1 or channel_multiplier < 2 or lift_project_width < 1:
-            raise ValueError(
-                "CNO: num_levels >= 1, channel_multiplier >= 2 and lift_project_width >= 1 "
-                f"required, got {num_levels}, {channel_multiplier}, {lift_project_width}"
-            )
-        if num_res < 0 or num_res_neck < 0:
-            raise ValueError(
-                f"CNO: num_res and num_res_neck must be >= 0, got {num_res}, {num_res_neck}"
-            )
+        key = partial(backbone_key, "CNO")
+        positive_int(key("num_levels"), num_levels)
+        at_least(key("channel_multiplier"), channel_multiplier, 2)
+        positive_int(key("lift_project_width"), lift_project_width)
+        non_negative_int(key("num_res"), num_res)
+        non_negative_int(key("num_res_neck"), num_res_neck)
+        one_of(key("resampling"), resampling, RESAMPLING_METHODS)
         self.num_levels = num_levels
         # Channel plan of the reference: the lifted field has d_e / 2 channels, level l d_e 2^l.
         enc = [channel_multiplier // 2] + [channel_multiplier * 2**i for i in range(num_levels)]

@@ -32,9 +32,11 @@ bias 1.0 actually added, grid-free layer norm) are listed in ``beamvq/nn/recurre
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 from torch import Tensor
 
+from beamvq.arguments import backbone_key, int_list, odd_int, positive_int
 from beamvq.backbones.base import Backbone, Encoded, divisible_grid_error
 from beamvq.nn.recurrent import ConvLSTMStack, PatchRecurrentStack
 from beamvq.nn.sampling import ScheduledSampling, Teacher, true_frame_probabilities
@@ -51,6 +53,15 @@ class PatchRecurrentBackbone(Backbone):
     stack: PatchRecurrentStack
     sampling: ScheduledSampling | None = None
     _teacher: Teacher | None = None
+
+    def check_stack_arguments(
+        self, num_hidden: Sequence[int], filter_size: int, patch_size: int
+    ) -> None:
+        """The stack's arguments, named by their YAML keys, before the stack is built."""
+        key = partial(backbone_key, type(self).__name__)
+        int_list(key("num_hidden"), num_hidden)
+        odd_int(key("filter_size"), filter_size)
+        positive_int(key("patch_size"), patch_size)
 
     def set_sampling(self, sampling: ScheduledSampling | None) -> None:
         """Validate and keep the (reverse) scheduled-sampling option (``None``: off)."""
@@ -142,6 +153,7 @@ class ConvLSTM(PatchRecurrentBackbone):
         sampling: ScheduledSampling | None = None,
     ) -> None:
         super().__init__(in_steps, out_steps, in_channels, out_channels)
+        self.check_stack_arguments(num_hidden, filter_size, patch_size)
         self.set_sampling(sampling)
         self.stack = ConvLSTMStack(
             in_channels, out_channels, out_steps, num_hidden, filter_size, patch_size, layer_norm

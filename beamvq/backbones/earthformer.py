@@ -90,6 +90,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from beamvq.arguments import check_earthformer_arguments
 from beamvq.backbones.base import Backbone, Encoded
 from beamvq.nn.attention import (
     AxialPositionEmbedding,
@@ -747,6 +748,12 @@ class Earthformer(Backbone):
     ) -> None:
         super().__init__(in_steps, out_steps, in_channels, out_channels)
         name = type(self).__name__
+        rates = {"attn_drop": attn_drop, "proj_drop": proj_drop, "ffn_drop": ffn_drop}
+        check_earthformer_arguments(
+            name, height, width, base_units, num_heads, enc_depth, dec_depth,
+            num_global_vectors, downsample, stem_dims, stem_downscales, stem_convs,
+            cuboid_sizes, shift_sizes, cross_cuboid_hw, rates,
+        )  # fmt: skip
         self.height, self.width = int(height), int(width)
         enc_depth, dec_depth = [int(d) for d in enc_depth], [int(d) for d in dec_depth]
         stem_downscales = [int(s) for s in stem_downscales]

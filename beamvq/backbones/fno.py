@@ -43,11 +43,14 @@ comment loads a model named ``..._m8_w20``, consistent with the published figure
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from beamvq.arguments import backbone_key, non_negative_int, positive_int
 from beamvq.backbones.base import Backbone, Encoded
 from beamvq.nn.spectral import SpectralConv2d
 
@@ -94,14 +97,17 @@ class FNO(Backbone):
         batch_norm: bool = False,
     ) -> None:
         super().__init__(in_steps, out_steps, in_channels, out_channels)
-        if modes < 1 or width < 1 or num_layers < 1 or projection_width < 1:
+        key = partial(backbone_key, "FNO")
+        for arg, value in (
+            ("modes", modes), ("width", width), ("num_layers", num_layers),
+            ("projection_width", projection_width),
+        ):  # fmt: skip
+            positive_int(key(arg), value)
+        non_negative_int(key("encoder_layers"), encoder_layers)
+        if not encoder_layers <= num_layers:
             raise ValueError(
-                "FNO: modes, width, num_layers and projection_width must be >= 1, got "
-                f"{modes}, {width}, {num_layers}, {projection_width}"
-            )
-        if not 0 <= encoder_layers <= num_layers:
-            raise ValueError(
-                f"FNO: encoder_layers must be in [0, num_layers={num_layers}], got {encoder_layers}"
+                f"{key('encoder_layers')} must be in [0, num_layers={num_layers}], got "
+                f"{encoder_layers}"
             )
         self.modes = modes
         self.width = width

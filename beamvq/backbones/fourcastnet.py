@@ -30,10 +30,13 @@ model was built for (learned positional embedding); ``check_grid`` says which.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from beamvq.arguments import backbone_key, non_negative, non_negative_int, positive, positive_int
 from beamvq.backbones.base import Backbone, Encoded, divisible_grid_error
 from beamvq.nn.moe import MoEConfig, MoEFeedForward, number_moe_layers
 from beamvq.nn.spectral import AFNOMixing
@@ -113,14 +116,28 @@ class FourCastNet(Backbone):
         moe: MoEConfig | None = None,
     ) -> None:
         super().__init__(in_steps, out_steps, in_channels, out_channels)
-        if patch_size < 1 or embed_dim < 1 or depth < 1 or mlp_ratio <= 0:
+        key = partial(backbone_key, "FourCastNet")
+        for arg, value in (
+            ("height", height), ("width", width), ("patch_size", patch_size),
+            ("embed_dim", embed_dim), ("depth", depth), ("num_blocks", num_blocks),
+        ):  # fmt: skip
+            positive_int(key(arg), value)
+        non_negative_int(key("encoder_depth"), encoder_depth)
+        if not encoder_depth <= depth:
             raise ValueError(
-                "FourCastNet: patch_size, embed_dim, depth >= 1 and mlp_ratio > 0 required, got "
-                f"{patch_size}, {embed_dim}, {depth}, {mlp_ratio}"
+                f"{key('encoder_depth')} must be in [0, depth={depth}], got {encoder_depth}"
             )
-        if not 0 <= encoder_depth <= depth:
+        if embed_dim % num_blocks:
             raise ValueError(
-                f"FourCastNet: encoder_depth must be in [0, depth={depth}], got {encoder_depth}"
+                f"{key('embed_dim')} ({embed_dim}) must be a multiple of num_blocks ({num_blocks})"
+            )
+        positive(key("mlp_ratio"), mlp_ratio)
+        non_negative(key("sparsity_threshold"), sparsity_threshold)
+        positive(key("hard_thresholding_fraction"), hard_thresholding_fraction)
+        if hard_thresholding_fraction > 1:
+            raise ValueError(
+                f"{key('hard_thresholding_fraction')} must be in (0, 1], got "
+                f"{hard_thresholding_fraction}"
             )
         self.patch_size = patch_size
         self.height = height

@@ -56,6 +56,7 @@ class PredRNN(PatchRecurrentBackbone):
         sampling: ScheduledSampling | None = None,
     ) -> None:
         super().__init__(in_steps, out_steps, in_channels, out_channels)
+        self.check_stack_arguments(num_hidden, filter_size, patch_size)
         self.set_sampling(sampling)
         self.stack = SpatioTemporalLSTMStack(
             in_channels, out_channels, out_steps, num_hidden, filter_size, patch_size, layer_norm

@@ -23,9 +23,12 @@ Choices the references leave open:
 
 from __future__ import annotations
 
+from functools import partial
+
 from einops import rearrange
 from torch import Tensor, nn
 
+from beamvq.arguments import backbone_key, odd_int, positive_int
 from beamvq.backbones.base import Backbone, Encoded
 from beamvq.nn.conv import ResidualBlock
 
@@ -45,14 +48,13 @@ class ResNet(Backbone):
         norm_groups: int = 8,
     ) -> None:
         super().__init__(in_steps, out_steps, in_channels, out_channels)
-        name = type(self).__name__
-        if width < 1 or n_blocks < 1:
-            raise ValueError(f"{name}: width and n_blocks must be >= 1, got {width}, {n_blocks}")
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"{name}: kernel_size must be odd, got {kernel_size}")
+        key = partial(backbone_key, type(self).__name__)
+        for arg, value in (("width", width), ("n_blocks", n_blocks), ("norm_groups", norm_groups)):
+            positive_int(key(arg), value)
+        odd_int(key("kernel_size"), kernel_size)
         if width % norm_groups != 0:
             raise ValueError(
-                f"{name}: width ({width}) must be a multiple of norm_groups ({norm_groups})"
+                f"{key('width')} ({width}) must be a multiple of norm_groups ({norm_groups})"
             )
         self.latent_dim = width
         pad = kernel_size // 2

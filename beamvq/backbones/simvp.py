@@ -34,9 +34,12 @@ multiples of ``2 ** (n_s // 2)``.
 
 from __future__ import annotations
 
+from functools import partial
+
 from einops import rearrange
 from torch import Tensor, nn
 
+from beamvq.arguments import at_least, backbone_key, fraction, odd_int, positive, positive_int
 from beamvq.backbones.base import Backbone, Encoded, divisible_grid_error
 from beamvq.nn.simvp import (
     BlockFactory,
@@ -71,13 +74,18 @@ class SimVPv2(Backbone):
         drop_path: float = 0.0,
     ) -> None:
         super().__init__(in_steps, out_steps, in_channels, out_channels)
-        name = type(self).__name__
-        if hid_s < 2 or hid_s % 2 != 0:
+        key = partial(backbone_key, type(self).__name__)
+        at_least(key("hid_s"), hid_s, 2)
+        if hid_s % 2 != 0:
             raise ValueError(
-                f"{name}: hid_s must be an even number >= 2 (GroupNorm(2)), got {hid_s}"
+                f"{key('hid_s')} must be an even number >= 2 (GroupNorm(2)), got {hid_s}"
             )
-        if n_s < 1 or n_t < 1 or hid_t < 1:
-            raise ValueError(f"{name}: n_s, n_t and hid_t must be >= 1, got {n_s}, {n_t}, {hid_t}")
+        for arg, value in (("hid_t", hid_t), ("n_s", n_s), ("n_t", n_t)):
+            positive_int(key(arg), value)
+        odd_int(key("spatio_kernel_enc"), spatio_kernel_enc)
+        odd_int(key("spatio_kernel_dec"), spatio_kernel_dec)
+        positive(key("mlp_ratio"), mlp_ratio)
+        fraction(key("drop_path"), drop_path, below_one=True)
         self.latent_dim = hid_s
         self.hid_s = hid_s
         self.downsample = 2 ** (n_s // 2)

@@ -20,12 +20,11 @@ off, which is SimVP's objective with TAU's translator).
 
 from __future__ import annotations
 
-import math
-
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
+from beamvq.arguments import backbone_key, non_negative
 from beamvq.backbones.simvp import SimVPv2
 from beamvq.nn.simvp import BlockFactory, tau_block
 
@@ -73,8 +72,7 @@ class TAU(SimVPv2):
             mlp_ratio,
             drop_path,
         )
-        if not (diff_div_weight >= 0 and math.isfinite(diff_div_weight)):
-            raise ValueError(f"TAU: diff_div_weight must be >= 0, got {diff_div_weight}")
+        non_negative(backbone_key("TAU", "diff_div_weight"), diff_div_weight)
         self.diff_div_weight = float(diff_div_weight)
 
     def extra_loss(self, pred: Tensor, target: Tensor) -> Tensor:

@@ -22,10 +22,13 @@ initialisation. ``H`` and ``W`` must be multiples of ``2**depth``.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from beamvq.arguments import backbone_key, positive_int
 from beamvq.backbones.base import Backbone, Encoded, divisible_grid_error
 from beamvq.nn.conv import DoubleConv
 
@@ -44,14 +47,16 @@ class UNet(Backbone):
         norm_groups: int = 8,
     ) -> None:
         super().__init__(in_steps, out_steps, in_channels, out_channels)
-        name = type(self).__name__
-        if depth < 1 or base_width < 1:
-            raise ValueError(
-                f"{name}: depth and base_width must be >= 1, got {depth}, {base_width}"
-            )
+        key = partial(backbone_key, type(self).__name__)
+        for arg, value in (
+            ("base_width", base_width),
+            ("depth", depth),
+            ("norm_groups", norm_groups),
+        ):
+            positive_int(key(arg), value)
         if base_width % norm_groups != 0:
             raise ValueError(
-                f"{name}: base_width ({base_width}) must be a multiple of norm_groups "
+                f"{key('base_width')} ({base_width}) must be a multiple of norm_groups "
                 f"({norm_groups})"
             )
         widths = [base_width * 2**i for i in range(depth + 1)]

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from einops import reduce
 from torch import Tensor
 
+from beamvq import arguments
+from beamvq.arguments import init_arg
 from beamvq.metrics.physics import (
     Velocity,
     divergence_fd,
@@ -51,6 +53,8 @@ class _VelocityScorer(Scorer):
             raise ValueError(
                 f"{type(self).__name__} needs from_vorticity=True or u_channel and v_channel"
             )
+        arguments.positive(init_arg(type(self).__name__, "lx"), lx)
+        arguments.positive(init_arg(type(self).__name__, "ly"), ly)
         self.channel = channel
         self.from_vorticity = from_vorticity
         self.u_channel = u_channel
@@ -139,8 +143,8 @@ class SpectrumScorer(_VelocityScorer):
         ly: float = 1.0,
     ) -> None:
         super().__init__(channel, from_vorticity, u_channel, v_channel, lx, ly, allow_scalar=True)
-        if kmax is not None and kmax < 1:
-            raise ValueError(f"kmax must be >= 1, got {kmax}")
+        arguments.positive_int(init_arg("SpectrumScorer", "kmax"), kmax, optional=True)
+        arguments.positive(init_arg("SpectrumScorer", "rel_floor"), rel_floor)
         self.kmax = kmax
         self.rel_floor = rel_floor
         self.clim_spectrum: Tensor | None = None
@@ -257,6 +261,7 @@ class NonNegativityScorer(Scorer):
     requires_reference = False
 
     def __init__(self, channel: int = 0, lower: float = 0.0) -> None:
+        arguments.finite(init_arg("NonNegativityScorer", "lower"), lower)
         self.channel = channel
         self.lower = lower
 

@@ -1,6 +1,10 @@
 """The candidate scorer's contract: ``Scorer`` (what every scorer of the beam search is) and the
 channel check the scorers of one channel share (``beamvq.metrics.scorers``,
 ``beamvq.metrics.physics_scorers``).
+
+A scorer's constructor checks each of its arguments (messages name the YAML key, ``init_args.*``
+of the scorer); the channels it reads can only be checked against the data, which its user does
+before the first batch through ``check_channels``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,19 @@ class Scorer(ABC):
     """
 
     requires_reference: bool = False
+    #: the attributes holding a channel index this scorer reads (``None``: not used)
+    channel_arguments: tuple[str, ...] = ("channel", "u_channel", "v_channel")
+
+    def check_channels(self, channels: int, where: str) -> None:
+        """Raise ``ValueError`` when a channel this scorer reads is not among the data's
+        ``channels``; ``where`` is the scorer's YAML key (``model.ensemble.scorer``)."""
+        for name in self.channel_arguments:
+            index = getattr(self, name, None)
+            if index is not None and not -channels <= int(index) < channels:
+                raise ValueError(
+                    f"{where}: {type(self).__name__} init_args.{name} = {index} is out of range "
+                    f"for the data's {channels} channel(s)"
+                )
 
     @abstractmethod
     def __call__(

@@ -16,6 +16,8 @@ import torch
 from einops import rearrange, reduce
 from torch import Tensor
 
+from beamvq import arguments
+from beamvq.arguments import init_arg
 from beamvq.metrics.categorical import SEVIR_THRESHOLDS
 from beamvq.metrics.physics_scorers import (
     ConservationScorer,
@@ -61,7 +63,9 @@ class CSIScorer(Scorer):
         self, thresholds: Sequence[float] = SEVIR_THRESHOLDS, channel: int | None = None
     ) -> None:
         if len(thresholds) == 0:
-            raise ValueError("thresholds must not be empty")
+            raise ValueError("CSIScorer: init_args.thresholds must not be empty")
+        for i, tau in enumerate(thresholds):
+            arguments.finite(init_arg("CSIScorer", f"thresholds[{i}]"), tau)
         self.thresholds = [float(t) for t in thresholds]
         self.channel = channel
 
@@ -112,10 +116,11 @@ class NegMSEScorer(Scorer):
 
     def __init__(self, normalize: bool = False, channel_weights: list[float] | None = None) -> None:
         if channel_weights is not None:
-            if len(channel_weights) == 0 or any(w < 0 for w in channel_weights):
-                raise ValueError(
-                    f"channel_weights must be non-empty and >= 0, got {channel_weights}"
-                )
+            key = init_arg("NegMSEScorer", "channel_weights")
+            if len(channel_weights) == 0:
+                raise ValueError(f"{key} must be non-empty and >= 0, got {channel_weights}")
+            for i, w in enumerate(channel_weights):
+                arguments.non_negative(f"{key}[{i}]", w)
             if not any(w > 0 for w in channel_weights):
                 raise ValueError("channel_weights: at least one weight must be positive")
         self.normalize = bool(normalize)
@@ -123,6 +128,16 @@ class NegMSEScorer(Scorer):
             None if channel_weights is None else [float(w) for w in channel_weights]
         )
         self.channel_std: Tensor | None = None
+
+    def check_channels(self, channels: int, where: str) -> None:
+        """One weight per data channel (``channel_weights``)."""
+        super().check_channels(channels, where)
+        weights = self.channel_weights
+        if weights is not None and len(weights) != channels:
+            raise ValueError(
+                f"{where}: NegMSEScorer init_args.channel_weights has {len(weights)} weight(s) "
+                f"for the data's {channels} channel(s)"
+            )
 
     @property
     def fit(self) -> Callable[[Tensor], NegMSEScorer] | None:
@@ -182,8 +197,9 @@ class SSIMScorer(Scorer):
     requires_reference = True
 
     def __init__(self, data_range: float, window: int = 11, sigma: float = 1.5) -> None:
-        if data_range <= 0:
-            raise ValueError(f"data_range must be positive, got {data_range}")
+        arguments.positive(init_arg("SSIMScorer", "data_range"), data_range)
+        arguments.odd_int(init_arg("SSIMScorer", "window"), window)
+        arguments.positive(init_arg("SSIMScorer", "sigma"), sigma)
         self.data_range = data_range
         self.window = window
         self.sigma = sigma
@@ -215,10 +231,22 @@ class WeightedScorer(Scorer):
         if len(scorers) == 0:
             raise ValueError("WeightedScorer needs at least one scorer")
         if len(scorers) != len(weights):
-            raise ValueError(f"{len(scorers)} scorers but {len(weights)} weights")
+            raise ValueError(
+                f"WeightedScorer: {len(scorers)} scorers but {len(weights)} weights "
+                "(init_args.scorers and init_args.weights pair up)"
+            )
+        for i, w in enumerate(weights):
+            arguments.finite(init_arg("WeightedScorer", f"weights[{i}]"), w)
         self.scorers = list(scorers)
         self.weights = [float(w) for w in weights]
         self.requires_reference = any(getattr(s, "requires_reference", False) for s in self.scorers)
+
+    def check_channels(self, channels: int, where: str) -> None:
+        """The channels of every part."""
+        for i, s in enumerate(self.scorers):
+            check = getattr(s, "check_channels", None)
+            if callable(check):
+                check(channels, f"{where}.init_args.scorers[{i}]")
 
     def fit(self, fields: Tensor) -> WeightedScorer:
         for s in self.scorers:

@@ -61,6 +61,9 @@ from beamvq.tuning import lr_for_batch
 PAPER_EXPERT_LR_RATIO: float = 0.31
 EXPERT_LR_RULES = ("surge", "paper", "dense")
 
+#: the YAML key of these settings, named in every message
+_KEY = "model.backbone.init_args.moe"
+
 
 @dataclass(frozen=True)
 class MoEConfig:
@@ -94,19 +97,19 @@ class MoEConfig:
     def __post_init__(self) -> None:
         problems = []
         if self.num_experts < 1:
-            problems.append(f"moe.num_experts must be >= 1, got {self.num_experts}")
+            problems.append(f"{_KEY}.num_experts must be >= 1, got {self.num_experts}")
         if not self.capacity_factor > 0:
-            problems.append(f"moe.capacity_factor must be > 0, got {self.capacity_factor}")
+            problems.append(f"{_KEY}.capacity_factor must be > 0, got {self.capacity_factor}")
         if self.aux_loss_weight < 0:
-            problems.append(f"moe.aux_loss_weight must be >= 0, got {self.aux_loss_weight}")
+            problems.append(f"{_KEY}.aux_loss_weight must be >= 0, got {self.aux_loss_weight}")
         if self.expert_lr not in EXPERT_LR_RULES:
             problems.append(
-                f"moe.expert_lr must be one of {EXPERT_LR_RULES}, got {self.expert_lr!r}"
+                f"{_KEY}.expert_lr must be one of {EXPERT_LR_RULES}, got {self.expert_lr!r}"
             )
         if self.b_noise is not None and not self.b_noise > 0:
-            problems.append(f"moe.b_noise must be > 0 or null, got {self.b_noise}")
+            problems.append(f"{_KEY}.b_noise must be > 0 or null, got {self.b_noise}")
         if not 0 < self.shared_fraction < 1:
-            problems.append(f"moe.shared_fraction must be in (0, 1), got {self.shared_fraction}")
+            problems.append(f"{_KEY}.shared_fraction must be in (0, 1), got {self.shared_fraction}")
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -34,6 +34,9 @@ from torch import Tensor
 
 SAMPLING_MODES = ("scheduled", "reverse")
 
+#: the YAML key of these settings, named in every message
+_KEY = "model.backbone.init_args.sampling"
+
 
 @dataclass(frozen=True)
 class ScheduledSampling:
@@ -59,18 +62,18 @@ class ScheduledSampling:
     def __post_init__(self) -> None:
         problems = []
         if self.mode not in SAMPLING_MODES:
-            problems.append(f"sampling.mode must be one of {SAMPLING_MODES}, got {self.mode!r}")
+            problems.append(f"{_KEY}.mode must be one of {SAMPLING_MODES}, got {self.mode!r}")
         if not 0 <= self.start_value <= 1:
-            problems.append(f"sampling.start_value must be in [0, 1], got {self.start_value}")
+            problems.append(f"{_KEY}.start_value must be in [0, 1], got {self.start_value}")
         if not self.stop > 0:
-            problems.append(f"sampling.stop must be > 0, got {self.stop}")
+            problems.append(f"{_KEY}.stop must be > 0, got {self.stop}")
         if not 0 <= self.reverse_start < self.reverse_stop:
             problems.append(
-                "sampling.reverse_start must be >= 0 and below sampling.reverse_stop, got "
+                f"{_KEY}.reverse_start must be >= 0 and below sampling.reverse_stop, got "
                 f"{self.reverse_start} and {self.reverse_stop}"
             )
         if not self.reverse_alpha > 0:
-            problems.append(f"sampling.reverse_alpha must be > 0, got {self.reverse_alpha}")
+            problems.append(f"{_KEY}.reverse_alpha must be > 0, got {self.reverse_alpha}")
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -125,6 +125,8 @@ class QuantConfig:
             raise ValueError(f"{_key('block_size')} must be an integer, got {self.block_size!r}")
         if self.block_size < 1:
             raise ValueError(f"{_key('block_size')} must be >= 1, got {self.block_size}")
+        if isinstance(self.token_dim, bool) or not isinstance(self.token_dim, int):
+            raise ValueError(f"{_key('token_dim')} must be an integer, got {self.token_dim!r}")
         alpha = self.offload_alpha
         if alpha is not None and not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
             raise ValueError(f"{_key('offload_alpha')} must be in [0, 1] or null, got {alpha}")

@@ -39,10 +39,14 @@ from pytorch_lightning.plugins.precision import Precision
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
 from torch import nn
 
+from beamvq.arguments import one_of
 from beamvq.quant.config import QuantConfig
 from beamvq.quant.convert import ConversionReport, convert_to_quantized
 from beamvq.quant.fp8 import convert_float8
 from beamvq.quant.offload import ActivationOffload, OffloadStats
+
+# DDPStrategy's start methods (Lightning checks them only when the processes are launched)
+START_METHODS = ("popen", "spawn", "fork", "forkserver")
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +175,19 @@ class _QuantStrategyMixin:
         super().setup(trainer)  # type: ignore[misc]
 
 
+def _device(device: str | None) -> torch.device | None:
+    """``trainer.strategy.init_args.device`` as a ``torch.device`` (``None`` stays ``None``)."""
+    if device is None:
+        return None
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"trainer.strategy.init_args.device must be a torch device such as 'cpu' or "
+            f"'cuda:0', got {device!r} ({err})"
+        ) from None
+
+
 class FP8OffloadStrategy(_QuantStrategyMixin, SingleDeviceStrategy):
     """One-device strategy with low-precision training and activation offload.
 
@@ -182,7 +199,7 @@ class FP8OffloadStrategy(_QuantStrategyMixin, SingleDeviceStrategy):
 
     def __init__(self, device: str | None = None, quant: QuantConfig | None = None) -> None:
         self._quant = QuantPrecision(quant)
-        self._device_arg = torch.device(device) if device is not None else None
+        self._device_arg = _device(device)
         # filled by the Trainer with the devices it selected (accelerator / devices flags)
         self.parallel_devices: list[torch.device] | None = None
         super().__init__(device=device or "cpu", precision_plugin=self._quant)
@@ -219,6 +236,7 @@ class FP8OffloadDDPStrategy(_QuantStrategyMixin, DDPStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta = timedelta(minutes=30),
     ) -> None:
+        one_of("trainer.strategy.init_args.start_method", start_method, START_METHODS)
         self._quant = QuantPrecision(quant)
         super().__init__(
             precision_plugin=self._quant,
