@@ -19,9 +19,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+import xarray as xr
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,7 +136,7 @@ def quickstart_for_test(tmp: Path, name: str) -> Path:
         }
     trainer = cfg["trainer"]
     trainer["logger"] = False
-    keep = ("ModelCheckpoint", "LastCheckpoint", "BeamSearchAugmentation")
+    keep = ("ModelCheckpoint", "LastCheckpoint", "BeamSearchAugmentation", "NetCDFPredictionWriter")
     trainer["callbacks"] = [c for c in trainer["callbacks"] if c["class_path"].endswith(keep)]
     trainer["callbacks"].append(
         {
@@ -269,3 +271,15 @@ def test_ddp_over_gloo_keeps_ranks_identical_and_pools_metrics(tmp_path: Path) -
     pooled = ranks[0]["metrics"]
     for name in ("val/mse", "val/mae", "val/csi_0.3", "val/csi_0.9", "val/pod_0.9", "val/csi_m"):
         assert pooled[name] == pytest.approx(single[name], rel=1e-5, abs=1e-7), name
+    # DDP predict writes one file, in sample order, equal to one process predicting the same
+    predict = ["predict", "--config", str(cfg), *data, "--ckpt_path", "last"]
+    assert beamvq(tmp_path, [*predict, *ddp]) == 0
+    out = run / "predictions.nc"
+    assert sorted(p.name for p in run.iterdir() if "predictions" in p.name) == ["predictions.nc"]
+    gathered = xr.load_dataset(out)
+    out.unlink()
+    assert beamvq(tmp_path, predict) == 0
+    alone = xr.load_dataset(out)
+    assert gathered.sizes == alone.sizes and gathered.sizes["sample"] > 2
+    for name, var in alone.data_vars.items():
+        np.testing.assert_allclose(gathered[name].values, var.values, rtol=1e-5, atol=1e-6)
