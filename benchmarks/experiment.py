@@ -371,9 +371,14 @@ def report(paths: Sequence[Path]) -> str:
 def report_rows(rows: list[dict]) -> str:
     """Every table: per experiment and backbone, the scarcity curve and the arms by level."""
     parts = []
-    for exp, net in sorted({(r["experiment"], r.get("backbone", "")) for r in rows}):
-        group = [r for r in rows if (r["experiment"], r.get("backbone", "")) == (exp, net)]
-        title = f"{exp} ({net or 'its own backbone'})"
+
+    def key(r: dict) -> tuple[str, str, tuple[str, ...]]:
+        return r["experiment"], r.get("backbone", ""), tuple(r.get("overrides") or ())
+
+    # rows with other overrides (a longer budget, another setting) are never pooled together
+    for exp, net, extra in sorted({key(r) for r in rows}):
+        group = [r for r in rows if key(r) == (exp, net, extra)]
+        title = f"{exp} ({net or 'its own backbone'}{', ' + ' '.join(extra) if extra else ''})"
         parts += [scarcity_table(group, title), arms_table(group, title)]
     return "\n\n".join(p for p in parts if p)
 
