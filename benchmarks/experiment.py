@@ -327,7 +327,14 @@ def arms_table(rows: list[dict], title: str) -> str:
     out = []
     for n, m in sorted({(r["train_samples"], r["unlabelled_samples"]) for r in rows if m_ok(r)}):
         level = [r for r in rows if (r["train_samples"], r["unlabelled_samples"]) == (n, m)]
-        base = {r["seed"]: r for r in level if r["arm"] == "base"}
+        # the base arm never reads the unlabelled trajectories (its u0 and u48 runs are the
+        # same training: equal test MSE to every digit), so a u0 base run pairs too
+        base = {
+            r["seed"]: r
+            for r in rows
+            if r["arm"] == "base" and r["train_samples"] == n and r["unlabelled_samples"] == 0
+        }
+        base.update({r["seed"]: r for r in level if r["arm"] == "base"})  # fmt: skip
         arms = sorted({r["arm"] for r in level}, key=lambda a: (a != "base", a))
         if len(arms) < 2:
             continue
