@@ -30,11 +30,16 @@ class EnsembleConfig:
         scorer: a reference-free ``beamvq.metrics.Scorer`` (e.g. ``SpectrumScorer``,
             ``NonNegativityScorer``) for the beam-searched members; scorers with a ``fit`` are
             fitted on training-split targets of the datamodule before predict/test.
+        validate: with ``members >= 2``, also score the ensemble at every validation epoch
+            (``val/crps``, ``val/spread_skill``), with the ``members`` rank-aligned code-bank
+            rollouts (no beam search: M extra rollouts per validation batch), so calibration is
+            watched while training, not only at ``test``.
     """
 
     members: int = 0
     beam_width: int = 0
     scorer: metrics.Scorer | None = None
+    validate: bool = True
 
     def __post_init__(self) -> None:
         if self.members < 0:

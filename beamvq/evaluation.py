@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -323,3 +324,16 @@ class SplitMetrics(nn.Module):
             values.update(self.ensemble.compute(names, std))
             self.ensemble.reset()
         return values
+
+
+def split_values(
+    metrics: SplitMetrics, trainer: Any, lat_weighted: bool, std: Tensor | None
+) -> dict[str, Tensor]:
+    """A split's pooled metrics; with several channels also per variable, named by the
+    datamodule's ``channel_names`` (``val/rmse/z500``) or its ``info().channels``
+    (``beamvq.protocols.DataInfo``), and the ``*_norm`` pools in units of the training ``std``."""
+    dm = trainer.datamodule if trainer is not None else None
+    names = getattr(dm, "channel_names", None)
+    if names is None and metrics.forecast.channels > 1 and callable(getattr(dm, "info", None)):
+        names = [c.name for c in dm.info().channels]
+    return metrics.compute(lat_weighted, names, std)

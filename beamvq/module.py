@@ -34,7 +34,7 @@ from beamvq.backbones.base import Backbone
 from beamvq.bottleneck import VQBottleneck
 from beamvq.checkpointing import CKPT_KEY, check_checkpoint, check_data, restore_state, save_state
 from beamvq.ensemble import EnsembleConfig, fit_scorer
-from beamvq.evaluation import SplitMetrics
+from beamvq.evaluation import SplitMetrics, split_values
 from beamvq.faults import FaultConfig, FaultGuard, FaultSite, attached_trainer
 from beamvq.init_weights import load_weights
 from beamvq.losses import Loss, LossConfig, candidate_term
@@ -122,7 +122,8 @@ class ForecastModule(pl.LightningModule):
         horizon = self.rollout_steps * backbone.out_steps
         thresholds = tuple(csi_thresholds or ())
         channels = int(backbone.out_channels)  # > 1: also per-variable metrics (beamvq.evaluation)
-        self.val_metrics = SplitMetrics(horizon, thresholds, channels=channels)
+        val_members = ensemble.members if ensemble.validate else 0
+        self.val_metrics = SplitMetrics(horizon, thresholds, val_members, channels)
         self.test_metrics = SplitMetrics(horizon, thresholds, ensemble.members, channels)
         self._scorer_fitted = False
         self._initialized = False
@@ -312,7 +313,11 @@ class ForecastModule(pl.LightningModule):
         return StepOutput(loss.total, batch.x, batch.y, pred_phys)
 
     def validation_step(self, batch: Any, batch_idx: int) -> StepOutput:
-        return self._eval_step(batch, self.val_metrics, "val", batch_idx)
+        out = self._eval_step(batch, self.val_metrics, "val", batch_idx)
+        if self.val_metrics.ensemble is not None:  # rank-aligned members: no search
+            members = self.ensemble_members(batch.x, self.ensemble_size).fields
+            self.val_metrics.update_ensemble(members, batch.y)
+        return out
 
     def test_step(self, batch: Any, batch_idx: int) -> StepOutput:
         out = self._eval_step(batch, self.test_metrics, "test", batch_idx)
@@ -321,16 +326,9 @@ class ForecastModule(pl.LightningModule):
         return out
 
     def _split_values(self, metrics: SplitMetrics) -> dict[str, Tensor]:
-        """The split's pooled metrics; with several channels also per variable, named by the
-        datamodule's ``channel_names`` (``val/rmse/z500``), and the ``*_norm`` pools in units of
-        the training std (``beamvq.evaluation``)."""
-        trainer = attached_trainer(self)
-        dm = trainer.datamodule if trainer is not None else None
-        names = getattr(dm, "channel_names", None)
-        if names is None and metrics.forecast.channels > 1 and callable(getattr(dm, "info", None)):
-            names = [c.name for c in dm.info().channels]  # beamvq.protocols.DataInfo
+        """The split's pooled metrics (``beamvq.evaluation.split_values``)."""
         std = self.normalizer.std if self.normalizer.is_set else None
-        return metrics.compute(bool(self.lat_deg.numel()), names, std)
+        return split_values(metrics, attached_trainer(self), bool(self.lat_deg.numel()), std)
 
     def on_validation_epoch_end(self) -> None:
         values = self._split_values(self.val_metrics)

@@ -317,6 +317,7 @@ ARM_METRICS = ("mse", "mse_lead1", "mse_lead8", "mae", "crps", "spread_skill")
 HEALTH = {
     "val perplexity": "codebook/val_perplexity",
     "dead codes": "codebook/val_dead_fraction",
+    "val spread/skill": "val/spread_skill",
     "pool signal": "augment/pool_signal_share",
     "search/epoch": "augment/search_to_train",
 }

@@ -147,6 +147,30 @@ def test_deterministic_test_logs_no_ensemble_metrics(ns_file: Path) -> None:
     assert not any(k.startswith(("test/crps", "test/spread")) for k in result)
 
 
+def test_validation_logs_the_rank_aligned_ensemble_every_epoch(ns_file: Path) -> None:
+    # issue 17: calibration watched while training; the same numbers as test on the same windows
+    dm = make_dm(ns_file)
+    module = make_module(ensemble=EnsembleConfig(members=3))
+    val = trainer().validate(module, dm, verbose=False)[0]
+    dm.setup("validate")
+    ds = dm.dataset("val")
+    x = torch.stack([ds[i].x for i in range(len(ds))])
+    y = torch.stack([ds[i].y for i in range(len(ds))])
+    module.eval()
+    with torch.no_grad():
+        members = module.ensemble_members(x).fields
+    assert val["val/crps"] == pytest.approx(
+        metrics.crps_ensemble(members, y).mean().item(), rel=1e-4
+    )
+    ss = metrics.spread_skill(members, y).ratio
+    assert val["val/spread_skill_lead1"] == pytest.approx(ss[0].item(), rel=1e-4)
+    # off on request, and never without members
+    off = make_module(ensemble=EnsembleConfig(members=3, validate=False))
+    for m in (off, make_module()):
+        result = trainer().validate(m, dm, verbose=False)[0]
+        assert "val/mse" in result and not any(k.startswith("val/crps") for k in result)
+
+
 # -- predict ------------------------------------------------------------------------------------
 
 
