@@ -1,4 +1,4 @@
-"""Pure helpers of benchmarks/cost_protocol.py and benchmarks/overhead.py (no training)."""
+"""Pure helpers of benchmarks/cost_protocol.py, overhead.py and quickstart_facts.py (no training)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import cost_protocol as gain  # noqa: E402
 import overhead  # noqa: E402
+import quickstart_facts  # noqa: E402
 
 from beamvq import metrics, search  # noqa: E402
 
@@ -50,3 +51,19 @@ def test_every_scorer_setting_builds(dataset: str) -> None:
             scorer.fit(y)
         scores = scorer(y.unsqueeze(1).expand(2, 2, 3, 1, 16, 16), y, inputs=y)
         assert scores.shape == (2, 2) and bool(torch.isfinite(scores).all()), name
+
+
+def test_quickstart_facts_read_the_callbacks_lines() -> None:
+    from beamvq.callbacks.tables import EpochRecord
+
+    lines = [
+        EpochRecord(e, 32, a, a, p, 0.01, 2.5, 25.0).summary()
+        for e, a, p in ((1, 9, 9), (2, 7, 16))
+    ]
+    found = quickstart_facts.parse_searches("noise\n" + "\n".join(lines) + "\n")
+    assert [int(f["pool"]) for f in found] == [9, 16]
+    assert found[0]["searched"] == 32 and found[1]["ratio"] == pytest.approx(0.1)
+    text = quickstart_facts.facts("\n".join(lines), 100.0, quickstart_facts.configured_windows())
+    assert "pool size: 0 -> 9 -> 16" in text
+    # the README's config: the windows the callback is asked to search
+    assert quickstart_facts.configured_windows() == 32
