@@ -23,12 +23,20 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Protocol
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
 from torch.utils.hooks import RemovableHandle
 
+from beamvq.nonfinite import (
+    any_rank,
+    attached_trainer,
+    first_non_finite_gradient,
+    gradient_cause,
+    has_non_finite,
+    quant_hook,
+    restore_buffers,
+    snapshot_buffers,
+)
 from beamvq.quant.layers import QUANT_CLASSES
 
 log = logging.getLogger(__name__)
@@ -37,7 +45,14 @@ NAN_POLICIES = ("stop", "skip")
 _QUANT_TYPES = tuple(set(QUANT_CLASSES.values()))
 _OPERANDS = ("x", "w", "dy")
 
-__all__ = ["NAN_POLICIES", "FaultConfig", "FaultGuard", "FaultSite", "GuardedModule"]
+__all__ = [
+    "NAN_POLICIES",
+    "FaultConfig",
+    "FaultGuard",
+    "FaultSite",
+    "GuardedModule",
+    "attached_trainer",
+]
 
 
 @dataclass(frozen=True)
@@ -93,82 +108,6 @@ class GuardedModule(Protocol):
         ...
 
 
-def _has_non_finite(value: Any) -> bool:
-    leaves, _ = tree_flatten(value)
-    return any(
-        isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
-        for t in leaves
-    )
-
-
-def _quant_hook(flags: Tensor) -> Callable[..., None]:
-    """Forward hook of a quantized layer: flag non-finite X, W (now) and dY (in backward)."""
-
-    def flag_dy(grad: Tensor) -> None:
-        flags[2] |= ~torch.isfinite(grad).all()
-
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-        with torch.no_grad():
-            flags[0] |= ~torch.isfinite(args[0]).all()
-            flags[1] |= ~torch.isfinite(module.weight).all()
-        if isinstance(output, Tensor) and output.requires_grad:
-            output.register_hook(flag_dy)
-
-    return hook
-
-
-def attached_trainer(host: Any) -> pl.Trainer | None:
-    """The trainer ``host`` is attached to, or ``None`` (a module used outside a Trainer)."""
-    try:
-        return host.trainer
-    except RuntimeError:  # LightningModule.trainer raises when no trainer is attached
-        return None
-
-
-def any_rank(trainer: pl.Trainer | None, decision: bool) -> bool:
-    """``decision`` on any DDP rank (all ranks must skip or stop together)."""
-    if trainer is None:
-        return decision
-    return bool(trainer.strategy.reduce_boolean_decision(decision, all=False))
-
-
-def snapshot_buffers(model: nn.Module) -> list[Tensor]:
-    """Copies of every buffer of ``model`` (the code bank's EMA, BatchNorm statistics, ...)."""
-    return [b.detach().clone() for b in model.buffers()]
-
-
-def restore_buffers(model: nn.Module, saved: list[Tensor]) -> None:
-    """Put back the buffers ``snapshot_buffers`` copied."""
-    with torch.no_grad():
-        for buf, value in zip(model.buffers(), saved):
-            buf.copy_(value)
-
-
-def _first_non_finite_gradient(named: list[tuple[str, Tensor]]) -> str | None:
-    """Name of the first parameter with a NaN/Inf gradient, or None (one sync when finite)."""
-    if not named:
-        return None
-    grads = [g for _, g in named]
-    total_norm = getattr(torch.nn.utils, "get_total_norm", None)
-    if total_norm is not None:
-        norm = total_norm(grads, error_if_nonfinite=False)
-    else:
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    if bool(torch.isfinite(norm)):
-        return None
-    # the norm can overflow with finite gradients: name a parameter only if one is NaN/Inf
-    return next((n for n, g in named if _has_non_finite(g)), None)
-
-
-def _gradient_cause(bad_param: str | None, operand: str | None) -> str:
-    """The cause of a NaN/Inf gradient in words: a parameter, a flagged operand, another rank."""
-    if bad_param is not None:
-        return f"parameter {bad_param} (layer {bad_param.rpartition('.')[0] or bad_param})"
-    if operand is not None:
-        return f"{operand} (quantization would have saturated it to a finite value)"
-    return "in a quantized layer's gradient on another DDP rank"
-
-
 class FaultGuard:
     """The non-finite guard of one module: counters, quantized-layer flags and the decisions.
 
@@ -194,7 +133,7 @@ class FaultGuard:
                 continue
             flags = torch.zeros(len(_OPERANDS), dtype=torch.bool, device=layer.weight.device)
             self._quant_flags[name] = flags
-            self._quant_hooks.append(layer.register_forward_hook(_quant_hook(flags)))
+            self._quant_hooks.append(layer.register_forward_hook(quant_hook(flags)))
         if self._quant_flags:
             log.info(
                 "NaN/Inf checks on the operands of %d quantized layers", len(self._quant_flags)
@@ -289,11 +228,11 @@ class FaultGuard:
             local_bad = any_rank(trainer, local_bad)
         # gradients are already all-reduced: every rank finds the same parameter
         named = [(n, p.grad) for n, p in host.named_parameters() if p.grad is not None]
-        bad_param = _first_non_finite_gradient(named)
+        bad_param = first_non_finite_gradient(named)
         if not local_bad and bad_param is None:
             self._consecutive_skips = 0
             return
-        cause = _gradient_cause(bad_param, operand)
+        cause = gradient_cause(bad_param, operand)
         self._fault(host, f"NaN/Inf gradient at {self._where(host)}: {cause}")
         optimizer.zero_grad(set_to_none=True)  # "skip": AdamW leaves parameters without gradients
 
@@ -333,15 +272,15 @@ class FaultGuard:
         found = self._first_non_finite_layer(host, batch)
         for name in ("x", "y", "weight"):
             t = getattr(batch, name, None)
-            if isinstance(t, Tensor) and _has_non_finite(t):
+            if isinstance(t, Tensor) and has_non_finite(t):
                 return FaultSite(
                     "data", f"the batch's {name} holds NaN/Inf (a data problem, not the model's)"
                 )
         for name, p in host.named_parameters():
-            if _has_non_finite(p):
+            if has_non_finite(p):
                 return FaultSite("parameter", f"parameter {name} is NaN/Inf")
         for name, b in host.model.named_buffers(prefix="model"):
-            if _has_non_finite(b):
+            if has_non_finite(b):
                 return FaultSite("buffer", f"buffer {name} is NaN/Inf")
         if found.layer is not None:
             return FaultSite("layer", f"layer {found.layer} is the first to output NaN/Inf")
@@ -357,7 +296,7 @@ class FaultGuard:
 
         def hook_for(name: str) -> Callable[..., None]:
             def hook(module: nn.Module, args: Any, output: Any) -> None:
-                if not found and _has_non_finite(output):
+                if not found and has_non_finite(output):
                     found.append(f"{name} ({type(module).__name__})")
 
             return hook
