@@ -1,4 +1,5 @@
-"""The conventions of the field's NetCDF files: names, CF attributes, packing, time axes.
+"""The conventions of the field's NetCDF files (and zarr stores): names, CF attributes, packing,
+time axes.
 
 What reanalysis, WeatherBench and simulation files look like (the ERA5 documentation,
 https://confluence.ecmwf.int/display/CKB/ERA5; WeatherBench, Rasp et al. 2020, arXiv 2002.00469;
@@ -13,6 +14,8 @@ https://cfconventions.org):
 - packing: int16 values with ``scale_factor``/``add_offset``/``_FillValue`` are decoded by xarray
   when a file is opened (``open_netcdf`` keeps ``mask_and_scale`` on), so fill values arrive as
   NaN and go through the NaN policy (``QualityConfig``);
+- a zarr store (WeatherBench 2's ERA5 stores) is opened by ``open_netcdf`` too, lazily through
+  xarray's zarr backend (``beamvq.datamodules.zarr_store``), and then read by the same rules;
 - time: dates (``datetime64``, or cftime dates convertible to the standard calendar) or numbers
   (model time); a dim without a coordinate counts positions.
 """
@@ -25,6 +28,8 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 import xarray as xr
+
+from beamvq.datamodules.zarr_store import is_zarr_store, open_zarr_store
 
 # names that real files use for each role, in order of preference
 TIME_NAMES = ("time", "valid_time", "Time", "t")
@@ -59,7 +64,10 @@ REQUIRED_ROLES = ("time", "y", "x")
 
 
 def open_netcdf(path: str) -> xr.Dataset:
-    """Open lazily, decoding CF packing; any failure becomes one message naming the file."""
+    """Open a NetCDF file (or a zarr store: ``zarr_store.open_zarr_store``) lazily, decoding CF
+    packing; any failure becomes one message naming the file."""
+    if is_zarr_store(path):
+        return open_zarr_store(path)
     try:
         return xr.open_dataset(path, cache=False)
     except Exception as err:  # netCDF4/HDF5 raise several types for unreadable files

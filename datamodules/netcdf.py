@@ -197,7 +197,7 @@ class NetCDFDataModule(SettingsView, pl.LightningDataModule):
         # the user's own inputs are never generated: a missing one is an error
         if self.predict_config.from_inputs:
             return
-        if self.generator is not None and not Path(self.path).is_file():
+        if self.generator is not None and not Path(self.path).exists():
             log.info(
                 "%s is missing: generating it with %s", self.path, type(self.generator).__name__
             )

@@ -113,7 +113,9 @@ def _read_block(
     t_sel, t_post = index_plan(t_idx)
     order = [d for d in (lay.sample_dim, lay.time_dim, lay.y_dim, lay.x_dim) if d]
     try:
-        block = var.isel(sel | {lay.time_dim: t_sel}).transpose(*order).values
+        # read in the file's dim order, then transpose in memory: a lazy transpose would make
+        # xarray ask zarr for a point-by-point (vectorized) selection, ~20x slower
+        block = var.isel(sel | {lay.time_dim: t_sel}).load().transpose(*order).values
     except Exception as err:
         raise ValueError(
             f"{path}: cannot read variable {var.name!r} (time positions "

@@ -1,7 +1,8 @@
 """Metadata scan: the files named by ``data.path`` → one merged ``Layout``; reads no data values.
 
 One file at a time (``xarray.open_dataset``, closed after its metadata are read, so every error
-names its file and no dask is needed): its variables' dims are mapped to the roles
+names its file and no dask is needed; a zarr store counts as one file, opened lazily by
+``beamvq.datamodules.zarr_store``): its variables' dims are mapped to the roles
 ``(time, [level], y, x)`` and an optional sample dim (``beamvq.datamodules.conventions``), the
 channels (variable × level) listed, the grid, the sample labels and the time axis checked against
 the first file's. Then the files are put in time order (they must not overlap), and the
@@ -14,7 +15,6 @@ from __future__ import annotations
 import glob
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -35,6 +35,7 @@ from beamvq.datamodules.conventions import (
     time_values,
 )
 from beamvq.datamodules.selection import select_box, select_time
+from beamvq.datamodules.zarr_store import check_source
 
 
 class Channel(NamedTuple):
@@ -85,7 +86,7 @@ class Layout(NamedTuple):
 
 
 def resolve_paths(path: str | Sequence[str]) -> list[str]:
-    """Files named by ``path``: one file, a glob pattern, or a list of files/patterns."""
+    """Files named by ``path``: one file or zarr store, a glob pattern, or a list of them."""
     items = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     if not items:
         raise ValueError("data.path: give a NetCDF file, a glob pattern or a list of files")
@@ -96,11 +97,9 @@ def resolve_paths(path: str | Sequence[str]) -> list[str]:
             matched = sorted(glob.glob(item))
             if not matched:
                 raise FileNotFoundError(f"data.path: no file matches the pattern {item}")
-            files.extend(matched)
-        elif not Path(item).is_file():
-            raise FileNotFoundError(f"data.path: NetCDF file not found: {item}")
+            files.extend(check_source(m) for m in matched)
         else:
-            files.append(item)
+            files.append(check_source(item))
     if len(set(files)) != len(files):
         raise ValueError(f"data.path: a file is listed twice in {files}")
     return files
