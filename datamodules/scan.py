@@ -173,11 +173,15 @@ class FileScan:
 
     def scan(self, path: str) -> None:
         with open_netcdf(path) as ds:
+            if not ds.sizes and not ds.variables:
+                raise ValueError(
+                    f"{path}: the file is empty: it opens but holds no dimensions and no "
+                    "variables (an interrupted or failed write?); regenerate or replace it"
+                )
             missing = [v for v in self.variables if v not in ds.data_vars]
             if missing:
-                raise ValueError(
-                    f"{path}: variable(s) {missing} not in the file; it has {sorted(map(str, ds.data_vars))}"
-                )
+                have = sorted(map(str, ds.data_vars))
+                raise ValueError(f"{path}: variable(s) {missing} not in the file; it has {have}")
             if not self.dims:
                 self.dims = detect_dims(ds, ds[self.variables[0]], path, self.given)
                 self.first_path = path
@@ -315,8 +319,9 @@ def order_files(times: list[tuple[str, np.ndarray]], label: str) -> list[tuple[s
         if tb[0] <= ta[-1]:
             raise ValueError(
                 f"{pb}: its time axis ({fmt_time(tb[0])} .. {fmt_time(tb[-1])}) overlaps that "
-                f"of {pa} ({fmt_time(ta[0])} .. {fmt_time(ta[-1])}); duplicated or "
-                "non-monotonic time across files"
+                f"of {pa} ({fmt_time(ta[0])} .. {fmt_time(ta[-1])}): the files must cover "
+                "disjoint periods; drop the file that repeats the other's frames, or keep one "
+                "period with data.selection.time_range"
             )
     return per_file
 

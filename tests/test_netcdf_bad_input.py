@@ -148,7 +148,15 @@ def test_files_overlapping_in_time(tmp_path: Path) -> None:
     a = _write(ds.isel(time=slice(0, 14)), tmp_path / "a.nc")
     b = _write(ds.isel(time=slice(10, 24)), tmp_path / "b.nc")
     msg = _raises(r"b\.nc: its time axis .* overlaps that of .*a\.nc", [a, b])
-    assert "duplicated or non-monotonic time across files" in msg
+    assert "the files must cover disjoint periods" in msg and "data.selection.time_range" in msg
+    assert "sort" not in msg  # sorting would not help: the frames are repeated
+
+
+def test_a_file_with_nothing_in_it_is_called_empty(tmp_path: Path) -> None:
+    path = str(tmp_path / "empty.nc")
+    xr.Dataset().to_netcdf(path)
+    msg = _raises(r"empty\.nc: the file is empty: it opens but holds no dimensions", path)
+    assert "not in the file" not in msg
 
 
 def test_all_nan_variable(tmp_path: Path) -> None:
