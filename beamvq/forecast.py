@@ -11,7 +11,7 @@ The notebook user's path (docs/own_inputs.md)::
 
 ``out`` is laid out like the ``predictions.nc`` of ``beamvq predict`` (built by the same
 ``beamvq.callbacks.prediction_file.prediction_dataset``): one variable per channel with dims
-``(sample, lead_time, y, x)`` in physical units, ``init_time`` and ``valid_time`` coordinates,
+``(sample, lead_time, [level,] y, x)`` in physical units (docs/outputs.md), ``init_time`` and ``valid_time`` coordinates,
 and with ``members`` the ``<var>_members``, ``<var>_ens_mean`` and ``<var>_ens_spread``.
 
 The checkpoint is read as data only (``beamvq.checkpoint_files.read_checkpoint``:

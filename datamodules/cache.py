@@ -16,6 +16,8 @@ The key hashes the files' absolute paths, sizes and modification times and the s
 changed file or selection gets a new entry and a stale one is never used. An entry is written in
 a temporary folder and renamed into place (atomic on POSIX): a folder that exists is complete,
 and two processes converting at once (several nodes on a shared filesystem) leave one good copy.
+The entry folder gets the mode ``mkdir`` would give it (``0o777`` less the umask,
+``beamvq.datamodules.io.publish_mode``), so others read a shared cache when the umask lets them.
 The temporary folder, ``.<entry>.<host>-<pid>.<random>.tmp``, says who converts: a conversion
 killed half-way leaves it (gigabytes), and the next run's cache step removes every such folder of
 the cache whose converter is gone (``beamvq.datamodules.io.is_stale``), in one log line.
@@ -37,7 +39,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from beamvq.datamodules.io import remove_temporaries, stale_temporaries, temporary_prefix
+from beamvq.datamodules.io import (
+    publish_mode,
+    remove_temporaries,
+    stale_temporaries,
+    temporary_prefix,
+)
 from beamvq.datamodules.scan import Layout
 
 log = logging.getLogger(__name__)
@@ -58,13 +65,24 @@ class CacheEntry(NamedTuple):
     stats: dict[str, np.ndarray]
 
 
+def _stamp(path: str) -> str:
+    """Size and modification time of a file; of a folder (a zarr store), the total size, the
+    newest modification time and the count of the files inside it: a write into a store's chunks
+    changes neither the folder's own size nor its mtime."""
+    st = os.stat(path)
+    if not os.path.isdir(path):
+        return f"{st.st_size}|{st.st_mtime_ns}"
+    inner = [p.stat() for p in Path(path).rglob("*") if p.is_file()]
+    newest = max((s.st_mtime_ns for s in inner), default=st.st_mtime_ns)
+    return f"{sum(s.st_size for s in inner)}|{newest}|{len(inner)}"
+
+
 def cache_key(files: Sequence[tuple[str, np.ndarray]], selection: dict) -> str:
     """A 16-hex-digit key of the files (path, size, mtime, time positions) and the selection."""
     h = hashlib.sha256()
     h.update(f"beamvq-cache-v{CACHE_VERSION}".encode())
     for path, time_index in files:
-        st = os.stat(path)
-        h.update(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode())
+        h.update(f"{os.path.abspath(path)}|{_stamp(path)}".encode())
         h.update(np.ascontiguousarray(time_index, dtype=np.int64).tobytes())
     h.update(json.dumps(selection, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
@@ -147,6 +165,7 @@ def ensure_cache(
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        publish_mode(tmp, folder=True)  # mkdtemp made it 0700; its files follow the umask
         try:
             os.rename(tmp, folder)
         except OSError:

@@ -7,6 +7,16 @@ writing leaves that hidden file, and the next write of the same target (or
 ``remove_stale_temporaries``, which the prediction writer calls before predicting) removes it
 once its writer is gone (``is_stale``). The cache conversion (``beamvq.datamodules.cache``)
 names its temporary folders the same way.
+
+Modes: ``tempfile`` creates its files 0600 and its folders 0700 whatever the umask, so every
+atomic writer gives its temporary the mode a plain ``open``/``mkdir`` would have given the target
+(``0o666``/``0o777`` less the umask, ``publish_mode``) before the rename: others on a shared
+machine read the outputs exactly when the umask lets them. The umask is read from
+``/proc/self/status`` (no change to the process, safe in threads), elsewhere set and restored.
+
+``grid_axes`` names and labels the grid of written files (predictions, the pool): a lat-lon grid
+keeps the input's dim names with CF ``standard_name``/``units``/``axis`` (CF-1.8 section 4.1-4.2),
+any other grid is ``y``/``x`` with the input's attributes.
 """
 
 from __future__ import annotations
@@ -17,11 +27,15 @@ import re
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import xarray as xr
+
+from beamvq.datamodules.conventions import LON_NAMES, LON_UNITS
+from beamvq.protocols import AxisInfo, DataInfo
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +183,7 @@ def write_netcdf(ds: xr.Dataset, path: str | os.PathLike, complevel: int = 4) ->
         )
         os.close(fd)
         ds.to_netcdf(tmp, engine="netcdf4", encoding=encoding)
+        publish_mode(tmp)
         os.replace(tmp, path)
     except BaseException as err:
         if tmp is not None:
@@ -187,6 +202,72 @@ def _space_note(folder: Path) -> str:
     except OSError:
         return ""
     return f" ({format_size(free)} free on {folder})"
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask: from ``/proc/self/status`` (Linux), which leaves it untouched; else
+    set to 0o077 (never looser than any umask, for whatever another thread creates meanwhile) and
+    restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def publish_mode(path: str | os.PathLike, folder: bool = False) -> None:
+    """Give the temporary ``path`` the mode ``open`` (``folder``: ``mkdir``) gives a new file:
+    ``0o666`` (``0o777``) less the umask; ``tempfile`` made it 0600 (0700). A filesystem that
+    refuses modes (some network mounts) keeps what it gives: the write goes on."""
+    mode = (0o777 if folder else 0o666) & ~current_umask()
+    try:
+        os.chmod(path, mode)
+    except OSError as err:
+        log.debug("cannot set mode %o on %s: %s", mode, path, err)
+
+
+# CF attributes of a latitude / longitude coordinate (CF-1.8 sections 4.1 and 4.2)
+_GEO = {
+    "y": {"standard_name": "latitude", "units": "degrees_north", "axis": "Y", "long_name": "latitude"},
+    "x": {"standard_name": "longitude", "units": "degrees_east", "axis": "X", "long_name": "longitude"},
+}  # fmt: skip
+
+
+def is_longitude_axis(axis: AxisInfo) -> bool:
+    """Whether ``axis`` is longitude: by name, ``standard_name`` or units (as the reading finds
+    it, ``beamvq.datamodules.conventions.is_longitude``)."""
+    return (
+        axis.name in LON_NAMES
+        or axis.attrs.get("standard_name") == "longitude"
+        or axis.attrs.get("units") in LON_UNITS
+    )
+
+
+def grid_axes(info: DataInfo) -> dict[str, tuple[str, dict]]:
+    """``{"y": (dim, attrs), "x": (dim, attrs)}`` of a written file's grid: latitude (the data's
+    ``info.latitude``) and longitude keep the input's dim names (``latitude``, ``lat``, ...) with
+    CF ``standard_name``, ``units`` (``degrees_north``/``degrees_east``), ``axis`` and the input's
+    other attributes; a non-geographic axis is ``y``/``x`` with the input's attributes as read."""
+    out: dict[str, tuple[str, dict]] = {}
+    geographic = {"y": info.latitude is not None, "x": is_longitude_axis(info.x)}
+    for role, axis in (("y", info.y), ("x", info.x)):
+        attrs = dict(axis.attrs)
+        if not geographic[role]:
+            out[role] = (role, attrs)
+            continue
+        cf = dict(_GEO[role])
+        attrs.setdefault("long_name", cf.pop("long_name"))
+        out[role] = (axis.name, attrs | cf)
+    return out
 
 
 class DataGenerator(ABC):

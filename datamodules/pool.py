@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from beamvq.datamodules.config import PoolConfig
+from beamvq.datamodules.io import grid_axes
 from beamvq.protocols import SOURCE_KINDS, Batch, DataInfo, PoolSamples
 
 
@@ -137,26 +138,30 @@ class AugmentedPool:
     def to_dataset(self, info: DataInfo) -> xr.Dataset:
         """The pool as a CF-style dataset for inspection, physical units:
         ``<channel>_input (pool, input_time, y, x)``, ``<channel>_pseudo_target (pool, lead_time,
-        y, x)``, ``score``, ``age`` (order of addition), ``source_kind`` and ``source_index``."""
+        y, x)``, ``score``, ``age`` (order of addition), ``source_kind`` and ``source_index``;
+        a lat-lon grid keeps its dim names (``latitude``/``longitude``) with CF attributes."""
         n = self.size
         if n == 0:
             raise ValueError("the augmented pool is empty; nothing to write")
         s = self._samples
         x, y = s.x.float().numpy(), s.y.float().numpy()
+        # the grid as in predictions.nc: lat-lon keeps its names with CF attributes (grid_axes)
+        axes = grid_axes(info)
+        (y_dim, y_attrs), (x_dim, x_attrs) = axes["y"], axes["x"]
         coords: dict[str, Any] = {
             "pool": ("pool", np.arange(n), {"long_name": "pool sample"}),
             "input_time": (
                 "input_time",
                 np.arange(-x.shape[1] + 1, 1),
-                {"long_name": "input frame, 0 = last input frame", "units": "time steps"},
+                {"long_name": "input frame in time steps, 0 = last input frame", "units": "1"},
             ),
             "lead_time": (
                 "lead_time",
                 np.arange(1, y.shape[1] + 1),
-                {"long_name": "forecast lead time", "units": "time steps"},
+                {"long_name": "forecast lead time in time steps", "units": "1"},
             ),
-            "y": ("y", np.asarray(info.y.values), dict(info.y.attrs)),
-            "x": ("x", np.asarray(info.x.values), dict(info.x.attrs)),
+            y_dim: (y_dim, np.asarray(info.y.values), y_attrs),
+            x_dim: (x_dim, np.asarray(info.x.values), x_attrs),
         }
         kinds = "; ".join(f"{i}: {k}" for i, k in enumerate(SOURCE_KINDS))
         data_vars: dict[str, Any] = {
@@ -177,10 +182,10 @@ class AugmentedPool:
         for c, channel in enumerate(info.channels):
             attrs = {k: v for k, v in channel.attrs.items() if k in keep}
             data_vars[f"{channel.name}_input"] = (
-                ("pool", "input_time", "y", "x"), x[:, :, c], attrs,
+                ("pool", "input_time", y_dim, x_dim), x[:, :, c], attrs,
             )  # fmt: skip
             data_vars[f"{channel.name}_pseudo_target"] = (
-                ("pool", "lead_time", "y", "x"), y[:, :, c], attrs,
+                ("pool", "lead_time", y_dim, x_dim), y[:, :, c], attrs,
             )  # fmt: skip
         return xr.Dataset(
             data_vars,

@@ -310,3 +310,20 @@ def test_fit_and_predict_on_a_store_from_the_cli(
     assert pred.forecast.shape == (1, 4, 5, N_LAT, N_LON) and torch.isfinite(pred.forecast).all()
     assert pred.members is not None and pred.members.shape == (1, 4, 4, 5, N_LAT, N_LON)
     assert float(pred.forecast[:, :, 0].mean()) > 1e3
+
+
+def test_rewriting_a_store_in_place_changes_its_cache_key(tmp_path: Path) -> None:
+    from beamvq.datamodules.cache import cache_key
+
+    store = tmp_path / "s.zarr"
+    xr.Dataset({"v": (("time", "x"), np.zeros((4, 3)))}).to_zarr(store, mode="w")
+    times = np.arange(4)
+    before = cache_key([(str(store), times)], {})
+    assert cache_key([(str(store), times)], {}) == before
+    # a region write: the same chunk files rewritten inside the store
+    new = xr.Dataset({"v": (("time", "x"), np.ones((4, 3)))})
+    import time
+
+    time.sleep(0.01)
+    new.to_zarr(store, mode="r+", region={"time": slice(0, 4), "x": slice(0, 3)})
+    assert cache_key([(str(store), times)], {}) != before
