@@ -41,6 +41,7 @@ from typing import NamedTuple
 import numpy as np
 import xarray as xr
 
+from beamvq.arguments import at_least, fraction, positive, positive_int
 from beamvq.datamodules.io import DataGenerator, write_netcdf
 
 DOMAIN_HALF_WIDTH: float = 2.5
@@ -274,6 +275,12 @@ class ShallowWaterGenerator(DataGenerator):
         cfl: float = 0.4,
         seed: int = 0,
     ) -> None:
+        key = "ShallowWaterGenerator: data.generator.init_args."
+        positive_int(key + "n_trajectories", n_trajectories)
+        at_least(key + "resolution", resolution, 4)
+        at_least(key + "n_frames", n_frames, 2)
+        positive(key + "t_end", t_end)
+        fraction(key + "cfl", cfl)
         self.kwargs = dict(
             n_trajectories=n_trajectories,
             resolution=resolution,

@@ -39,6 +39,7 @@ from typing import NamedTuple
 import numpy as np
 import xarray as xr
 
+from beamvq.arguments import positive_int
 from beamvq.datamodules.io import DataGenerator, write_netcdf
 
 #: SEVIR's frame spacing in minutes.
@@ -212,6 +213,9 @@ class StormGenerator(DataGenerator):
         width: int = 64,
         seed: int = 0,
     ) -> None:
+        for name, value in (("n_trajectories", n_trajectories), ("n_frames", n_frames),
+                            ("height", height), ("width", width)):  # fmt: skip
+            positive_int(f"StormGenerator: data.generator.init_args.{name}", value)
         self.kwargs = dict(
             n_trajectories=n_trajectories, n_frames=n_frames, height=height, width=width, seed=seed
         )

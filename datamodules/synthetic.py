@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from beamvq.arguments import non_negative, positive, positive_int
 from beamvq.datamodules.io import DataGenerator, write_netcdf
 
 log = logging.getLogger(__name__)
@@ -212,6 +213,14 @@ class NavierStokesGenerator(DataGenerator):
         burn_in: float = 0.0,
         seed: int = 0,
     ) -> None:
+        key = "NavierStokesGenerator: data.generator.init_args."
+        positive_int(key + "n_trajectories", n_trajectories)
+        positive_int(key + "resolution", resolution)
+        positive_int(key + "n_frames", n_frames)
+        positive(key + "viscosity", viscosity)
+        positive(key + "dt", dt)
+        positive(key + "frame_interval", frame_interval)
+        non_negative(key + "burn_in", burn_in)
         self.kwargs = dict(
             n_trajectories=n_trajectories,
             resolution=resolution,
