@@ -95,6 +95,23 @@ def odd_int(key: str, value: Any) -> None:
         _fail(key, "an odd integer >= 1", value)
 
 
+def _range_rule(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    """The rule in words: ``in [0, 1)``, ``> 0``, ``a finite number``."""
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {low:g}"
+    return "a finite number"
+
+
+def _outside(
+    value: float, low: float | None, high: float | None, lo_open: bool, hi_open: bool
+) -> bool:
+    below = low is not None and (value <= low if lo_open else value < low)
+    above = high is not None and (value >= high if hi_open else value > high)
+    return below or above
+
+
 def _number(
     key: str,
     value: Any,
@@ -107,18 +124,10 @@ def _number(
 ) -> None:
     if value is None and optional:
         return
-    if low is not None and high is not None:
-        rule = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    elif low is not None:
-        rule = f"{'>' if low_open else '>='} {low:g}"
-    else:
-        rule = "a finite number"
-    rule += " or null" if optional else ""
+    rule = _range_rule(low, high, low_open, high_open) + (" or null" if optional else "")
     if not _is_real(value) or not math.isfinite(value):
         _fail(key, rule if rule.startswith("a ") else f"a finite number {rule}", value)
-    if low is not None and (value <= low if low_open else value < low):
-        _fail(key, rule, value)
-    if high is not None and (value >= high if high_open else value > high):
+    if _outside(value, low, high, low_open, high_open):
         _fail(key, rule, value)
 
 
