@@ -144,6 +144,38 @@ def _known_files(state: dict[str, Any]) -> set[str]:
     return {os.path.abspath(str(n)) for n in names if n}
 
 
+def _known_in_folder(
+    folder: str, cbs: list[ModelCheckpoint], states: dict[str, dict[str, Any]], resumed: str
+) -> set[str] | None:
+    """The files the restored bookkeeping of ``folder``'s callbacks knows (plus ``resumed``), or
+    None when the folder is not to be cleaned (remote, missing, keeping every file, or with no
+    restored bookkeeping)."""
+    restored = [states.get(cb.state_key) for cb in cbs]
+    if "://" in folder or not Path(folder).is_dir() or not all(map(_keeps_top_k, cbs)):
+        return None
+    if any(st is None or st.get("dirpath") != cb.dirpath for cb, st in zip(cbs, restored)):
+        return None  # Lightning restored no bookkeeping for this folder
+    known = set().union(*(_known_files(st) for st in restored if st is not None))
+    known.add(os.path.abspath(resumed))
+    return known
+
+
+def _saved_since(
+    folder: str, cbs: list[ModelCheckpoint], known: set[str], since: float
+) -> list[Path]:
+    """Top-k files (or their atomic temporaries) of ``folder`` newer than ``since`` and unknown."""
+    patterns = [top_k_file_pattern(cb) for cb in cbs]
+    found = []
+    for path in sorted(Path(folder).iterdir()):
+        tmp = _ATOMIC_TMP.match(path.name)
+        name = tmp["name"] if tmp else path.name
+        if not any(p.match(name) for p in patterns) or _LAST_FILE.match(name):
+            continue
+        if path.is_file() and os.path.abspath(path) not in known and path.stat().st_mtime > since:
+            found.append(path)
+    return found
+
+
 def remove_interrupted_saves(
     trainer: pl.Trainer, resumed: str, states: dict[str, dict[str, Any]]
 ) -> list[Path]:
@@ -157,24 +189,12 @@ def remove_interrupted_saves(
             by_folder.setdefault(str(cb.dirpath), []).append(cb)
     removed: list[Path] = []
     for folder, cbs in by_folder.items():
-        restored = [states.get(cb.state_key) for cb in cbs]
-        if "://" in folder or not Path(folder).is_dir() or not all(map(_keeps_top_k, cbs)):
+        known = _known_in_folder(folder, cbs, states, resumed)
+        if known is None:
             continue
-        if any(st is None or st.get("dirpath") != cb.dirpath for cb, st in zip(cbs, restored)):
-            continue  # Lightning restored no bookkeeping for this folder
-        known = set().union(*(_known_files(st) for st in restored if st is not None))
-        known.add(os.path.abspath(resumed))
-        patterns = [top_k_file_pattern(cb) for cb in cbs]
-        for path in sorted(Path(folder).iterdir()):
-            tmp = _ATOMIC_TMP.match(path.name)
-            name = tmp["name"] if tmp else path.name
-            if not any(p.match(name) for p in patterns) or _LAST_FILE.match(name):
-                continue
-            if not path.is_file() or os.path.abspath(path) in known:
-                continue
-            if path.stat().st_mtime > since:
-                path.unlink(missing_ok=True)
-                removed.append(path)
+        for path in _saved_since(folder, cbs, known, since):
+            path.unlink(missing_ok=True)
+            removed.append(path)
     if removed:
         log.warning(
             "removed %d checkpoint file(s) that the interrupted run saved after %s and that "
