@@ -181,6 +181,6 @@ def check_ckpt_path(
         raise CheckpointRefused(
             f"--ckpt_path {ckpt} was trained with another model than the configuration "
             "gives:\n  - " + "\n  - ".join(problems) + "\nUse the configuration the checkpoint "
-            "was trained with (its config.yaml) or a checkpoint of this model."
+            "was trained with (its config_fit.yaml) or a checkpoint of this model."
         )
     return saved

@@ -281,7 +281,7 @@ def _misfit_message(problems: list[str], hints: list[str], ckpt: str | None) -> 
         f"{where} does not fit this model/data:\n  - "
         + "\n  - ".join(problems)
         + hint_text
-        + "\nUse the configuration the checkpoint was trained with (the run's config.yaml; "
+        + "\nUse the configuration the checkpoint was trained with (the run's config_fit.yaml; "
         "its hyper-parameters are stored in the checkpoint) or train a new model."
     )
 

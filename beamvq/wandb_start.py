@@ -8,7 +8,8 @@ training never waits on W&B; ``wandb sync`` uploads it later.
 
 A fit resumed from a checkpoint continues the W&B run that wrote it (``beamvq.checkpointing``
 records the run id), so one fit keeps one history; a logger given its own ``id``/``version``
-keeps it.
+keeps it. A validate, test or predict run records that id as its config ``fit_run_id`` (it is
+also in the fit run's ``group``, ``beamvq.run_paths``), so its metrics are found beside the fit.
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ log = logging.getLogger("beamvq")
 _OFFLINE_MODES = {"offline", "dryrun", "disabled"}
 DEFAULT_WANDB_INIT_TIMEOUT = 30.0
 
-__all__ = ["DEFAULT_WANDB_INIT_TIMEOUT", "continue_wandb_run", "finish_wandb", "start_wandb"]
+__all__ = [
+    "DEFAULT_WANDB_INIT_TIMEOUT",
+    "continue_wandb_run",
+    "finish_wandb",
+    "record_fit_run",
+    "start_wandb",
+]
 
 
 def _init_settings(logger: WandbLogger) -> tuple[bool, dict[str, Any]]:
@@ -70,6 +77,23 @@ def continue_wandb_run(trainer: pl.Trainer, run_id: str | None) -> bool:
     if pointed:
         log.info("W&B: the resumed fit continues run %s", run_id)
     return pointed
+
+
+def record_fit_run(trainer: pl.Trainer, run_id: str | None) -> bool:
+    """Add ``fit_run_id: run_id`` (the W&B run that trained the checkpoint) to the config of
+    ``trainer``'s W&B runs that have not started. Returns whether a logger got it."""
+    if not run_id or rank_zero_only.rank != 0:
+        return False
+    recorded = False
+    for logger in trainer.loggers:
+        if not isinstance(logger, WandbLogger) or logger.version is not None:
+            continue
+        _, init = _init_settings(logger)
+        config = init.get("config")
+        if config is None or isinstance(config, dict):
+            init["config"] = {**(config or {}), "fit_run_id": run_id}
+            recorded = True
+    return recorded
 
 
 def start_wandb(trainer: pl.Trainer, init_timeout: float | None = None) -> None:

@@ -16,20 +16,23 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from beamvq.callbacks import wandb_media
 from beamvq.callbacks.checks import at_least, require
+from beamvq.callbacks.evaluated import EvaluatedWeights, epoch_suffix, validation_prefix
 from beamvq.callbacks.figures.codebook import usage_figure
 from beamvq.callbacks.figures.style import plot_dir, save_figure
 from beamvq.callbacks.tables import CodeUsage, code_usage
 from beamvq.protocols import SearchableModel
 
 
-class CodebookUsageReport(pl.Callback):
+class CodebookUsageReport(EvaluatedWeights):
     """Nearest-code usage over the first ``batches`` validation batches of each epoch.
 
     The validation inputs are encoded once more (``SearchableModel.code_indices``: eval mode, no
     gradients, retrieval never moves the code bank) and their nearest codes counted; counts are
     summed over DDP ranks. Logs ``codebook/val_perplexity``, ``codebook/val_codes_used``,
     ``codebook/val_dead_fraction``, the W&B histogram ``codebook/usage`` and
-    ``codebook_usage.png`` (latest epoch). Does nothing for a model without a code bank.
+    ``codebook_usage.png`` (latest epoch; ``beamvq validate`` writes
+    ``validate_codebook_usage_epoch<e>.png``, the evaluated checkpoint's epoch). Does nothing for
+    a model without a code bank.
 
     Args:
         dirpath: folder for the PNG; default ``<trainer.default_root_dir>/plots``.
@@ -48,6 +51,7 @@ class CodebookUsageReport(pl.Callback):
         self.saved: list[Path] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         require(pl_module, SearchableModel, "CodebookUsageReport", "module")
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -81,11 +85,14 @@ class CodebookUsageReport(pl.Callback):
 
     @rank_zero_only
     def _draw(self, trainer: pl.Trainer, usage: CodeUsage) -> None:
+        epoch = self.evaluated_epoch(trainer)
         title = (
-            f"code-bank usage on validation inputs, epoch {trainer.current_epoch} "
+            f"code-bank usage on validation inputs, epoch {epoch} "
             f"({int(usage.counts.sum())} latent positions)"
         )
-        path = plot_dir(trainer.default_root_dir, self.dirpath) / "codebook_usage.png"
+        fit = validation_prefix(trainer) == "val"  # beamvq validate: a file of its own
+        name = "codebook_usage.png" if fit else f"validate_codebook_usage{epoch_suffix(epoch)}.png"
+        path = plot_dir(trainer.default_root_dir, self.dirpath) / name
         save_figure(usage_figure(usage, title), path, self.dpi)
         self.saved.append(path)
         if wandb_media.wandb_loggers(trainer):

@@ -7,7 +7,10 @@ alternative futures of BeamVQ (arXiv 2502.18925, stage 2) or the module's beam-s
 ``predict`` members. At the end of ``fit`` the last validation sample becomes an animated GIF of
 the rollout (``figures.animation.rollout_animation``). Every figure is a PNG under
 ``<default_root_dir>/plots`` (readable without W&B) and, with a ``WandbLogger``, a W&B image or
-video (offline runs keep them in the run folder for ``wandb sync``).
+video (offline runs keep them in the run folder for ``wandb sync``). Names: ``val_*_epoch<e>.png``
+for the validations of a fit, ``validate_*_epoch<e>.png`` for ``beamvq validate`` and
+``test_*.png`` for ``beamvq test``, titled with the epoch of the evaluated checkpoint
+(``beamvq.callbacks.evaluated``), so validate and test never replace the fit's figures.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_only
 
 from beamvq.callbacks import wandb_media
 from beamvq.callbacks.checks import at_least, check_channel
+from beamvq.callbacks.evaluated import EvaluatedWeights, epoch_suffix, validation_prefix
 from beamvq.callbacks.figures.animation import rollout_animation
 from beamvq.callbacks.figures.forecast import ensemble_panel, forecast_panel
 from beamvq.callbacks.figures.style import FieldStyle, Sample, field_style, plot_dir, save_figure
@@ -52,7 +57,7 @@ def panel_members(model: Any, x: torch.Tensor, members: int | None) -> torch.Ten
         return model.ensemble_members(x, m).fields if m >= 2 else None
 
 
-class ForecastImageLogger(pl.Callback):
+class ForecastImageLogger(EvaluatedWeights):
     """Forecast and ensemble panels of the first validation (and test) sample; a rollout GIF at
     the end of fit.
 
@@ -95,6 +100,7 @@ class ForecastImageLogger(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """The channel against the data and the panel's members against the code bank, before
         the first batch."""
+        super().setup(trainer, pl_module, stage)
         check_channel(WHO, self.channel, trainer.datamodule)
         size = int(getattr(pl_module, "codebook_size", 0) or 0)
         if self.ensemble and self.members is not None and size and self.members > size:
@@ -130,23 +136,26 @@ class ForecastImageLogger(pl.Callback):
         if batch_idx == 0 and outputs is not None:
             self._capture(pl_module, outputs)
 
-    def _draw(self, trainer: pl.Trainer, stage: str, epoch: int | None) -> None:
+    def _draw(self, trainer: pl.Trainer, stage: str) -> None:
         if self._sample is None:
             return
         sample, self._sample = self._sample, None
-        if stage == "val":
+        epoch = self.evaluated_epoch(trainer)
+        if stage == "val" and trainer.state.fn == TrainerFn.FITTING:
             self._last_val, self._last_val_epoch = sample, epoch
         folder = plot_dir(trainer.default_root_dir, self.dirpath)
         style = data_style(trainer, self.channel)
         what = "validation" if stage == "val" else "test"
         title = f"{what} sample 0" + ("" if epoch is None else f", epoch {epoch}")
-        suffix = "" if epoch is None else f"_epoch{epoch:03d}"
+        # the fit's validations val_*_epoch<e>, beamvq validate validate_*_epoch<e>, test test_*
+        prefix = validation_prefix(trainer) if stage == "val" else stage
+        suffix = epoch_suffix(epoch) if stage == "val" else ""
         panels = {f"{stage}/forecast": lambda: forecast_panel(sample, title, style, self.max_leads)}
         if sample.members is not None:
             panels[f"{stage}/ensemble"] = lambda: ensemble_panel(sample, title, style)
         # one figure open at a time: drawn, saved and closed before the next
         paths = {
-            key: save_figure(draw(), folder / f"{key.replace('/', '_')}{suffix}.png", self.dpi)
+            key: save_figure(draw(), folder / f"{prefix}_{key.split('/')[1]}{suffix}.png", self.dpi)
             for key, draw in panels.items()
         }
         self.saved.extend(paths.values())
@@ -157,11 +166,11 @@ class ForecastImageLogger(pl.Callback):
     @rank_zero_only
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
-            self._draw(trainer, "val", trainer.current_epoch)
+            self._draw(trainer, "val")
 
     @rank_zero_only
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._draw(trainer, "test", None)
+        self._draw(trainer, "test")
 
     @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

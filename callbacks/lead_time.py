@@ -18,6 +18,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from beamvq.callbacks import wandb_media
 from beamvq.callbacks.checks import at_least
+from beamvq.callbacks.evaluated import EvaluatedWeights, epoch_suffix, validation_prefix
 from beamvq.callbacks.figures.leads import lead_figure
 from beamvq.callbacks.figures.style import plot_dir, save_figure
 from beamvq.callbacks.tables import (
@@ -31,9 +32,10 @@ from beamvq.callbacks.tables import (
 log = logging.getLogger(__name__)
 
 
-class LeadTimeReport(pl.Callback):
+class LeadTimeReport(EvaluatedWeights):
     """Validation: ``val_leads.png`` (one line per epoch, so the reader sees skill improve with
-    training, lead by lead) and W&B ``val/by_lead/*``; test: ``test_leads.png``,
+    training, lead by lead; ``beamvq validate``: ``validate_leads_epoch<e>.png``, the evaluated
+    checkpoint's epoch) and W&B ``val/by_lead/*``; test: ``test_leads.png``,
     ``test_leads.md`` (with several variables also a row per variable) and W&B
     ``test/by_lead/*``; with several variables also W&B ``{val,test}/by_variable/table``.
 
@@ -81,10 +83,20 @@ class LeadTimeReport(pl.Callback):
         table = self._table(trainer, "val")
         if table is None:
             return
-        self.val_history.append((f"epoch {trainer.current_epoch}", table))
+        epoch = self.evaluated_epoch(trainer)
+        label = "untrained" if epoch is None else f"epoch {epoch}"
         folder = plot_dir(trainer.default_root_dir, self.dirpath)
-        title = f"validation metrics by lead time (epochs 0-{trainer.current_epoch})"
-        path = save_figure(lead_figure(self.val_history, title), folder / "val_leads.png", self.dpi)
+        if validation_prefix(trainer) == "val":  # the fit's validations, one line each
+            self.val_history.append((label, table))
+            title = f"validation metrics by lead time (epochs 0-{epoch})"
+            figure, name = lead_figure(self.val_history, title), "val_leads.png"
+        else:  # beamvq validate: the checkpoint's own file, never the fit's
+            title = f"validation metrics by lead time ({label}, {trainer.ckpt_path or 'current'})"
+            figure, name = (
+                lead_figure([(label, table)], title),
+                f"validate_leads{epoch_suffix(epoch)}.png",
+            )
+        path = save_figure(figure, folder / name, self.dpi)
         self.saved.append(path)
         self._publish(trainer, table, "val", path, title)
 
@@ -94,7 +106,9 @@ class LeadTimeReport(pl.Callback):
         if table is None:
             return
         folder = plot_dir(trainer.default_root_dir, self.dirpath)
-        title = f"test metrics by lead time ({trainer.ckpt_path or 'current weights'})"
+        epoch = self.evaluated_epoch(trainer)
+        label = "untrained" if epoch is None else f"epoch {epoch}"
+        title = f"test metrics by lead time ({label}, {trainer.ckpt_path or 'current weights'})"
         figure = lead_figure([("test", table)], title)
         path = save_figure(figure, folder / "test_leads.png", self.dpi)
         md = folder / "test_leads.md"

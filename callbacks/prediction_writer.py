@@ -1,7 +1,8 @@
 """Write ``beamvq predict`` forecasts to one CF-style NetCDF file, whatever the number of ranks.
 
 The layout is ``beamvq.callbacks.prediction_file``; the file is written under a temporary name
-and renamed (``beamvq.datamodules.io.write_netcdf``), so a reader never sees half a file.
+and renamed (``beamvq.datamodules.io.write_netcdf``), so a reader never sees half a file. It is
+``<trainer.default_root_dir>/predictions.nc`` unless ``output`` names another (docs/configs.md).
 
 Under DDP each rank forecasts its share of the samples (Lightning's predict sampler gives every
 sample to exactly one rank, unevenly). Each rank saves its raw arrays (forecast, members, their
@@ -14,6 +15,7 @@ removed when the next predict starts.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,8 @@ from beamvq.protocols import ForecastData
 log = logging.getLogger(__name__)
 
 FIELDS = ("forecast", "members", "member_scores")
+# the file in the run directory (trainer.default_root_dir) when ``output`` is not given
+DEFAULT_NAME = "predictions.nc"
 
 
 def _cat(parts: list[torch.Tensor | None]) -> Any:
@@ -79,16 +83,22 @@ class NetCDFPredictionWriter(BasePredictionWriter):
 
     Args:
         output: the NetCDF path (one file also under DDP: the ranks' shares are merged in
-            sample order by rank 0).
+            sample order by rank 0). ``None``: ``<trainer.default_root_dir>/predictions.nc``;
+            a bare file name goes into ``default_root_dir`` too; a path with a folder is used
+            as given (relative to the working directory).
     """
 
-    def __init__(self, output: str = "runs/predictions.nc") -> None:
+    def __init__(self, output: str | None = None) -> None:
         super().__init__(write_interval="epoch")
         self.output = output
 
     def output_path(self, trainer: pl.Trainer | None = None) -> Path:
-        """The file ``predict`` writes (the same on every rank)."""
-        return Path(self.output)
+        """The file ``predict`` writes (the same on every rank; see ``output``)."""
+        root = Path(trainer.default_root_dir) if trainer is not None else Path.cwd()
+        if self.output is None:
+            return root / DEFAULT_NAME
+        bare = not os.path.dirname(self.output) and "://" not in self.output
+        return root / self.output if bare else Path(self.output)
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
@@ -113,7 +123,7 @@ class NetCDFPredictionWriter(BasePredictionWriter):
         arrays["index"] = (
             torch.cat([p.index for p in preds]).cpu().numpy() if preds else np.zeros(0, np.int64)
         )
-        output = self.output_path()
+        output = self.output_path(trainer)
         if trainer.world_size > 1:
             world = trainer.world_size
             save_part(part_path(output, trainer.global_rank, world), arrays)

@@ -83,8 +83,9 @@ def test_fit_leaves_checkpoint_wandb_run_and_png(fitted: Path) -> None:
     assert len(runs) >= 1
     media = [m for run in runs for m in run.glob("files/media/images/**/*.png")]
     assert media, "the offline W&B run holds no forecast image"
-    # the resolved config is saved beside the run (and logged to W&B as hyper-parameters)
-    config = (fitted / "run" / "config.yaml").read_text()
+    # the resolved config is saved in the run directory, one file per subcommand (and logged to
+    # W&B as hyper-parameters)
+    config = (fitted / "run" / "config_fit.yaml").read_text()
     assert "NavierStokesGenerator" in config and "SimVPv2" in config
 
 

@@ -233,7 +233,7 @@ def test_control_config_drops_the_search_callback(capsys: pytest.CaptureFixture)
         out = capsys.readouterr().out
         for callback in ("BeamSearchAugmentation", "CodebookUsageReport", "AugmentationReport"):
             assert (callback in out) is searched, (name, callback)
-        assert f"dirpath: runs/{name}/checkpoints" in out and "runs/quickstart" not in out
+        assert f"default_root_dir: runs/{name}" in out and "runs/quickstart" not in out
         assert "class_path: beamvq.two_stage.TwoStage" in out
 
 
