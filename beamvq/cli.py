@@ -4,6 +4,12 @@
 Backbone, bottleneck, datamodule, logger, callbacks and strategy are chosen by class path in YAML.
 This is the only module that wires the model side to data, callbacks and precision plugins.
 
+``trainer.default_root_dir`` is the run directory (``beamvq.run_paths``, docs/configs.md): the
+logger's ``save_dir``, the checkpoint folder, the prediction file and the plots follow it unless
+given, each subcommand saves its resolved config as ``<root>/config_<subcommand>.yaml``, and a
+W&B run is named after the run (``group``) and the subcommand (``job_type``). With a W&B logger, a
+``LearningRateMonitor`` logs the learning rate unless the run configures one.
+
 W&B runs offline unless the environment says otherwise (``WANDB_MODE=online`` to upload,
 ``WANDB_MODE=disabled`` to turn it off); nothing here touches the network by default, and an online
 run that cannot start falls back to an offline one (``beamvq.wandb_start``).
@@ -32,8 +38,14 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.accelerators import CPUAccelerator
-from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+from pytorch_lightning.callbacks import (
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ProgressBar,
+    RichProgressBar,
+)
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.plugins.io import CheckpointIO, TorchCheckpointIO
 from pytorch_lightning.strategies import ParallelStrategy
 from pytorch_lightning.utilities import rank_zero_warn
@@ -46,13 +58,15 @@ from beamvq.callbacks.last_checkpoint import (
     last_checkpoint_dirs,
 )
 from beamvq.callbacks.prediction_writer import NetCDFPredictionWriter
-from beamvq.checkpoint_files import CheckpointRefused, Refusal, check_ckpt_options, check_ckpt_path
+from beamvq.checkpoint_files import CheckpointRefused, check_ckpt_options, check_ckpt_path
 from beamvq.checkpoint_io import AtomicCheckpointIO
 from beamvq.checkpointing import checkpoint_wandb_run_id
+from beamvq.console import quiet_known_noise, route_logs_through_current_streams
 from beamvq.module import ForecastModule
 from beamvq.output_checks import check_output_locations, trainer_output_locations
-from beamvq.packaged_configs import configs_command, resolve_config_arguments, version_string
-from beamvq.wandb_start import continue_wandb_run, finish_wandb, start_wandb
+from beamvq.packaged_configs import resolve_config_arguments
+from beamvq.run_paths import LoggedSaveConfig, derive_run_settings
+from beamvq.wandb_start import continue_wandb_run, finish_wandb, record_fit_run, start_wandb
 
 log = logging.getLogger("beamvq")
 
@@ -65,19 +79,20 @@ DEFAULT_OPTIMIZER = {
 }
 
 
-class LoggedSaveConfig(SaveConfigCallback):
-    """Save the resolved config beside the run and record it in the experiment logger."""
-
-    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if trainer.logger is not None:
-            trainer.logger.log_hyperparams({"config": self.config.as_dict()})
-
-
 class BeamVQCLI(LightningCLI):
     """LightningCLI with early checks that name the offending argument."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults({"model.optimizer": DEFAULT_OPTIMIZER})
+
+    def before_instantiate_classes(self) -> None:
+        """One run directory (``beamvq.run_paths``): the unset output paths and W&B names follow
+        ``trainer.default_root_dir``; the saved config keeps them as given, so that a refit
+        from it with another root moves them again."""
+        sub = self.config.get("subcommand")
+        section = self.config[sub] if sub else self.config
+        self._config_as_given = section.clone()
+        derive_run_settings(section["trainer"], str(sub or "fit"))
 
     def _check_data_only(self) -> None:
         """``--data.init_args.check_only true``: summarize the data and exit before any training."""
@@ -156,8 +171,11 @@ class BeamVQCLI(LightningCLI):
         self._resolve_last()
         self._check_data_only()
         self._check_outputs()
+        run_id = getattr(self, "_resumed_run_id", None)
         if self.subcommand == "fit":
-            continue_wandb_run(self.trainer, getattr(self, "_resumed_run_id", None))
+            continue_wandb_run(self.trainer, run_id)
+        else:
+            record_fit_run(self.trainer, run_id)
         start_wandb(self.trainer)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
@@ -172,6 +190,14 @@ class BeamVQCLI(LightningCLI):
         ):
             kwargs["callbacks"] = [*given, RichProgressBar()]
         trainer = super().instantiate_trainer(**kwargs)
+        for cb in trainer.callbacks:  # the config as given, not with the derived paths
+            if isinstance(cb, SaveConfigCallback) and hasattr(self, "_config_as_given"):
+                cb.config = self._config_as_given
+        # the learning rate beside the losses in W&B, unless the run names its own monitor (not
+        # for other loggers: its rows have no epoch, which CSV readers such as the benchmarks' need)
+        wandb = any(isinstance(lg, WandbLogger) for lg in trainer.loggers)
+        if wandb and not any(isinstance(c, LearningRateMonitor) for c in given):
+            trainer.callbacks = [LearningRateMonitor(), *trainer.callbacks]
         # LastCheckpoint after every ModelCheckpoint: trainer.checkpoint_callback (the first)
         # stays the ModelCheckpoint that ckpt_path "best" reads
         trainer.callbacks = after_model_checkpoints(trainer.callbacks)
@@ -290,6 +316,8 @@ def main(args: list[str] | None = None) -> BeamVQCLI:
     """Run the CLI and return it (``python -m beamvq``, tests, ``beamvq.summary``)."""
     os.environ.setdefault("WANDB_MODE", "offline")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    route_logs_through_current_streams()  # log lines above the progress bar, not erased by it
+    quiet_known_noise()
     # Lightning's launcher leaves its rank-0 variables in os.environ; a second run in this
     # process (tests, notebooks, beamvq.summary) must start from the environment it was given
     launch_env = {name: os.environ.get(name) for name in LAUNCH_ENV}
@@ -315,29 +343,3 @@ def main(args: list[str] | None = None) -> BeamVQCLI:
             else:
                 os.environ[name] = value
     return cli
-
-
-def console_main() -> None:
-    """Entry point of the ``beamvq`` console script: returns nothing, so the exit status is 0 on
-    success (``sys.exit`` of the CLI object would print it and exit with status 1).
-
-    Before LightningCLI parses: ``beamvq --version``, ``beamvq configs ...`` (list or copy the
-    packaged configs), ``beamvq import-weights ...`` (OpenSTL / neuraloperator checkpoints), and
-    ``--config NAME`` of a packaged config becomes its file."""
-    argv = sys.argv[1:]
-    if argv[:1] == ["--version"]:
-        sys.stdout.write(version_string() + "\n")
-        return
-    if argv[:1] == ["configs"]:
-        sys.exit(configs_command(argv[1:]))
-    if argv[:1] == ["import-weights"]:
-        from beamvq.importers import importing_command
-
-        sys.exit(importing_command(argv[1:]))
-    # LightningCLI reads sys.argv itself: rewrite it in place rather than passing args=
-    sys.argv[1:] = resolve_config_arguments(argv)
-    try:
-        main()
-    except Refusal as err:  # an argument refused before any work: its message, no traceback
-        sys.stderr.write(f"beamvq: error: {err}\n")
-        sys.exit(2)

@@ -32,7 +32,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from beamvq.callbacks.last_checkpoint import LastCheckpoint, after_model_checkpoints
 from beamvq.checkpointing import CheckpointRefused, check_ckpt_path
-from beamvq.cli import console_main, main
+from beamvq.cli import main
+from beamvq.command import console_main
 
 ROOT = Path(__file__).resolve().parents[1]
 GEN = "--data.init_args.generator.init_args."

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from pytorch_lightning.utilities import rank_zero_info
@@ -77,3 +80,33 @@ def test_known_noise_is_filtered_and_our_lines_are_not(caplog: pytest.LogCapture
     text = caplog.text
     assert "seamless cloud logging" not in text
     assert SUMMARY in text and "beamvq's own warning" in text
+
+
+def _beamvq(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """``python -m beamvq <args>`` in ``cwd``; ``BEAMVQ_TRACEBACK`` only when ``env`` sets it."""
+    full = {k: v for k, v in os.environ.items() if k != "BEAMVQ_TRACEBACK"}
+    full.update(WANDB_MODE="disabled", OMP_NUM_THREADS="1", **env)
+    return subprocess.run(
+        [sys.executable, "-m", "beamvq", *args], cwd=cwd, env=full, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_a_data_error_prints_one_message_and_the_traceback_on_request(tmp_path: Path) -> None:
+    cfg = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
+    args = ["fit", "--config", cfg, "--data.init_args.path", "missing.nc",
+            "--data.init_args.generator", "null", "--trainer.logger", "false"]  # fmt: skip
+    plain = _beamvq(args, tmp_path)
+    assert plain.returncode == 1
+    assert "Traceback" not in plain.stderr
+    errors = [line for line in plain.stderr.splitlines() if line.startswith("beamvq: error:")]
+    assert len(errors) == 1 and "missing.nc" in errors[0], plain.stderr[-2000:]
+    assert "--traceback" in plain.stderr
+    for extra, env in ((["--traceback"], {}), ([], {"BEAMVQ_TRACEBACK": "1"})):
+        loud = _beamvq([*args, *extra], tmp_path, **env)
+        assert loud.returncode == 1 and "Traceback (most recent call last)" in loud.stderr
+
+
+def test_beamvq_summary_is_a_subcommand(tmp_path: Path) -> None:
+    out = _beamvq(["summary", "--help"], tmp_path)
+    assert out.returncode == 0 and "--ckpt" in out.stdout

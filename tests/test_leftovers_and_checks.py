@@ -502,7 +502,7 @@ def test_the_datamodule_warns_and_refuses_before_any_work(tmp_path: Path, ns_fil
 def test_an_output_folder_that_cannot_be_made_is_refused_on_the_console(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    from beamvq.cli import console_main
+    from beamvq.command import console_main
 
     monkeypatch.chdir(tmp_path)
     blocker = tmp_path / "a-file"

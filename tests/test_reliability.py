@@ -31,7 +31,8 @@ from beamvq.callbacks.beam_search import BeamSearchAugmentation
 from beamvq.callbacks.search_inputs import SearchInputs
 from beamvq.checkpoint_io import AtomicCheckpointIO, stale_temp_files
 from beamvq.checkpointing import collect_rng_state, restore_rng_state
-from beamvq.cli import BeamVQCLI, console_main, main
+from beamvq.cli import BeamVQCLI, main
+from beamvq.command import console_main
 from beamvq.datamodules.config import LoaderConfig, SplitConfig, WindowConfig
 from beamvq.datamodules.netcdf import NetCDFDataModule
 from beamvq.datamodules.synthetic import write_navier_stokes
@@ -600,7 +601,7 @@ def test_cli_writes_atomic_checkpoints_and_keeps_a_chosen_checkpoint_io(ns_file:
 
 def test_console_script_entry_returns_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     # sys.exit(<cli object>) would print it and exit with status 1
-    monkeypatch.setattr("beamvq.cli.main", lambda args=None: object())
+    monkeypatch.setattr("beamvq.command.main", lambda args=None: object())
     assert console_main() is None
 
 
