@@ -16,6 +16,17 @@ Arms (``--arms``):
 - any other name: ``configs/experiments/arms/<name>.yaml`` composed after the experiment YAML
   (``vq``: the bottleneck and candidate loss only; ``beamvq``: + the search; ...).
 
+Two stages, as the papers run them (issue 17 item 4; ``--init-from-arm``): stage 1 trains the
+``--init-from-arm`` arm (with the ``--init-from-override`` arguments, e.g. a longer budget, and
+optionally ``--init-from-early-stopping P``: ``EarlyStopping(monitor=val/loss, patience=P)``
+added to its callbacks) to its best-validation checkpoint; every planned run is then a stage-3
+fine-tune that starts from the stage-1 run of the same experiment, backbone, labelled
+trajectories and seed (0 unlabelled for a base stage 1) through ``--model.init_from`` (the
+``ft_*`` arms: ``ft_base`` fine-tunes without VQ or search, the control). A stage-1 run whose row
+or checkpoint is missing runs first (into its own folder; no second row when its row exists).
+A stage-3 key ends in ``/from-<hash of the stage-1 key>``; its row records ``init_from`` (the
+stage-1 key), ``init_from_arm`` and ``init_from_overrides``. ``--override`` applies to stage 3.
+
 Usage::
 
     # the scarcity curve: base test MSE against the number of labelled training trajectories
@@ -24,6 +35,9 @@ Usage::
     # the arms at the scarce level, 3 paired seeds, 48 unlabelled trajectories
     python benchmarks/experiment.py run --experiment ns_scarce --arms base,vq,beamvq,ceiling \\
         --train-samples 16 --unlabelled-samples 48 --seeds 0,1,2 --jobs 2
+    # stage 3 from an 80-epoch base: the fine-tuning arms, paired with ft_base
+    python benchmarks/experiment.py run --arms ft_base,ft_vq,ft_beamvq --train-samples 8 \\
+        --unlabelled-samples 48 --init-from-arm base --init-from-override=--trainer.max_epochs=80
     python benchmarks/experiment.py report                       # every table, from the results
 
 Runs write under ``runs/experiments/<experiment>/<arm>/n<N>_u<M>/seed<S>/`` (fit.log, test.log,
@@ -34,24 +48,25 @@ parallel. W&B is disabled in these runs.
 from __future__ import annotations
 
 import argparse
-import csv
+import dataclasses
 import hashlib
 import json
-import math
 import os
-import re
-import statistics
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
+from experiment_facts import best_checkpoint, checkpoint_facts, logged_facts, trainable_numel
+from experiment_report import load_rows, report, report_rows
+
+__all__ = ["Job", "load_rows", "plan", "report", "report_rows", "run_all", "trainable_numel"]
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs" / "experiments"
@@ -59,11 +74,17 @@ DEFAULT_RESULTS = REPO / "benchmarks" / "results" / "experiments.jsonl"
 DEFAULT_RUNS = REPO / "runs" / "experiments"
 BUILT_IN_ARMS = ("base", "ceiling")
 SPLITS = "--data.init_args.splits"
+CHECKPOINTS = "checkpoints"  # the ModelCheckpoint's folder in a run directory
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
 @dataclass(frozen=True)
 class Job:
-    """One training of the campaign: experiment, arm, labelled / unlabelled trajectories, seed."""
+    """One training of the campaign: experiment, arm, labelled / unlabelled trajectories, seed;
+    ``init_from``: the stage-1 job whose best checkpoint this (stage-3) fit starts from."""
 
     experiment: str
     arm: str
@@ -72,15 +93,16 @@ class Job:
     seed: int
     overrides: tuple[str, ...] = field(default_factory=tuple)
     backbone: str = ""  # "": the experiment YAML's own; else configs/backbones/<name>.yaml
+    init_from: Job | None = None
 
     @property
     def key(self) -> str:
-        extra = hashlib.sha1(" ".join(self.overrides).encode()).hexdigest()[:8]
-        tail = f"/{extra}" if self.overrides else ""
+        tail = f"/{_digest(' '.join(self.overrides))}" if self.overrides else ""
+        stage = f"/from-{_digest(self.init_from.key)}" if self.init_from is not None else ""
         net = f"{self.backbone}/" if self.backbone else ""
         return (
             f"{self.experiment}/{net}{self.arm}/n{self.train_samples}_u{self.unlabelled_samples}"
-            f"/seed{self.seed}{tail}"
+            f"/seed{self.seed}{tail}{stage}"
         )
 
     def configs(self) -> list[Path]:
@@ -108,6 +130,16 @@ class Job:
                 args += [f"--model.backbone.init_args.{name}", str(windows[name])]
         return args + list(self.overrides)
 
+    def record(self) -> dict:
+        """The job as its result row records it (a stage-1 job by its key and overrides)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields["overrides"] = list(self.overrides)
+        stage1 = fields.pop("init_from")
+        if stage1 is not None:
+            fields.update(init_from=stage1.key, init_from_arm=stage1.arm,
+                          init_from_overrides=list(stage1.overrides))  # fmt: skip
+        return fields
+
 
 def config_digest(files: Iterable[Path]) -> str:
     """The configs' content hash: a result row names the exact YAML it ran."""
@@ -117,86 +149,71 @@ def config_digest(files: Iterable[Path]) -> str:
     return h.hexdigest()[:12]
 
 
+def early_stopping_override(patience: int) -> str:
+    """The beamvq CLI argument that adds ``EarlyStopping(monitor=val/loss, patience)`` to the
+    experiment's callbacks (jsonargparse's ``+=`` appends to the YAML's list)."""
+    spec = {"class_path": "pytorch_lightning.callbacks.EarlyStopping",
+            "init_args": {"monitor": "val/loss", "mode": "min", "patience": patience}}  # fmt: skip
+    return f"--trainer.callbacks+={json.dumps(spec)}"
+
+
+def stage1_overrides(args: argparse.Namespace) -> tuple[str, ...]:
+    """The stage-1 run's overrides: ``--init-from-override`` and the early-stopping one."""
+    extra = list(getattr(args, "init_from_override", None) or ())
+    patience = getattr(args, "init_from_early_stopping", None)
+    if patience is not None:
+        if patience < 1:
+            raise SystemExit(
+                f"experiment.py: --init-from-early-stopping must be >= 1, got {patience}"
+            )
+        extra.append(early_stopping_override(patience))
+    if extra and not getattr(args, "init_from_arm", None):
+        raise SystemExit(
+            "experiment.py: --init-from-override and --init-from-early-stopping set the stage-1 "
+            "run of --init-from-arm; give --init-from-arm too"
+        )
+    return tuple(extra)
+
+
+def _check(job: Job) -> None:
+    for f in job.configs():
+        if not f.is_file():
+            raise SystemExit(f"experiment.py: {f} not found (arm {job.arm!r})")
+    if job.arm == "ceiling" and job.unlabelled_samples == 0:
+        raise SystemExit("experiment.py: the ceiling arm needs --unlabelled-samples > 0")
+
+
 def plan(args: argparse.Namespace) -> list[Job]:
-    overrides = tuple(args.override or ())
+    overrides, first = tuple(args.override or ()), stage1_overrides(args)
+    arm1 = getattr(args, "init_from_arm", None)
+
+    def stage1(n: int, seed: int, net: str) -> Job | None:
+        if not arm1:
+            return None
+        m = 0 if arm1 == "base" else args.unlabelled_samples  # the base never reads them
+        return Job(args.experiment, arm1, n, m, seed, first, net)
+
     jobs = [
-        Job(args.experiment, arm, n, args.unlabelled_samples, seed, overrides, net)
+        Job(
+            args.experiment,
+            arm,
+            n,
+            args.unlabelled_samples,
+            seed,
+            overrides,
+            net,
+            stage1(n, seed, net),
+        )  # fmt: skip
         for net in args.backbones
         for n in args.train_samples
         for seed in args.seeds
         for arm in args.arms
     ]
     for job in jobs:
-        for f in job.configs():
-            if not f.is_file():
-                raise SystemExit(f"experiment.py: {f} not found (arm {job.arm!r})")
-        if job.arm == "ceiling" and job.unlabelled_samples == 0:
-            raise SystemExit("experiment.py: the ceiling arm needs --unlabelled-samples > 0")
+        _check(job)
+        if job.init_from is not None:
+            _check(job.init_from)
     return jobs
-
-
-def load_rows(paths: Iterable[Path]) -> list[dict]:
-    rows = []
-    for path in paths:
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    rows.append(json.loads(line))
-    return rows
-
-
-# state-dict entries that are buffers, not optimizer-trained parameters: the EMA code bank
-# (vector-quantize-pytorch's _codebook), batch-norm statistics, the data's normalization and
-# the module's metric constants
-_BUFFER_KEYS = re.compile(
-    r"(\._codebook\.|running_mean$|running_var$|num_batches_tracked$|^normalizer\.|"
-    r"^lat_deg$|^climatology$)"
-)
-
-
-def trainable_numel(state_dict: dict) -> int:
-    """Values of a checkpoint's ``state_dict`` that the optimizer trains (buffers excluded)."""
-    return sum(v.numel() for k, v in state_dict.items() if not _BUFFER_KEYS.search(k))
-
-
-def checkpoint_facts(ckpt_dir: Path) -> dict:
-    """The best epoch, its validation loss and the model-state sizes (by top-level part) of
-    ``best.ckpt``; the epochs trained come from ``metrics.csv`` (``logged_facts``), which also
-    holds configs whose ``last.ckpt`` is Lightning's (rewritten only when the monitor improves)."""
-    best = ckpt_dir / "best.ckpt"
-    if not best.is_file():
-        return {}
-    state = torch.load(best, map_location="cpu", weights_only=True)
-    counts: dict[str, int] = {}
-    for key, value in state["state_dict"].items():
-        part = key.split(".")[1] if key.count(".") >= 2 else key
-        counts[part] = counts.get(part, 0) + value.numel()
-    facts: dict = {
-        "state_numel": counts,
-        "trainable_numel": trainable_numel(state["state_dict"]),
-        "best_epoch": int(state.get("epoch", -1)),
-    }
-    for name, cb in state.get("callbacks", {}).items():
-        if name.startswith("ModelCheckpoint") and cb.get("best_model_score") is not None:
-            facts["best_val_loss"] = float(cb["best_model_score"])
-    return facts
-
-
-def logged_facts(csv_path: Path) -> dict:
-    """Epochs and steps trained, and the last value of every ``val/*``, ``augment/*`` and
-    ``codebook/*`` column, from the fit's CSVLogger file."""
-    if not csv_path.is_file():
-        return {}
-    last: dict[str, float] = {}
-    epochs = steps = 0
-    with csv_path.open() as fh:
-        for rec in csv.DictReader(fh):
-            epochs = max(epochs, int(rec["epoch"]) + 1)
-            steps = max(steps, int(rec["step"]) + 1)
-            for k, v in rec.items():
-                if k and v not in (None, "") and k.startswith(("val/", "augment/", "codebook/")):
-                    last[k] = float(v)
-    return {"epochs": epochs, "steps": steps, "last_logged": last}
 
 
 def _run(cmd: list[str], log: Path) -> float:
@@ -211,26 +228,40 @@ def _run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
+def stage1_checkpoint(job: Job, runs: Path) -> Path | None:
+    """The best-validation checkpoint of ``job``'s stage-1 run under ``runs`` (None: absent)."""
+    assert job.init_from is not None
+    return best_checkpoint(runs / job.init_from.key / CHECKPOINTS)
+
+
 def run_job(job: Job, runs: Path) -> dict:
     """``beamvq fit`` then ``beamvq test`` (through ``beamvq.summary --json``) of one job."""
     run_dir = runs / job.key
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpts = run_dir / "checkpoints"
+    ckpts = run_dir / CHECKPOINTS
     common = job.cli_args(run_dir)
     fit = [sys.executable, "-m", "beamvq", "fit", *common]
     fit += ["--trainer.logger.init_args.save_dir", str(run_dir)]  # metrics.csv beside the run
+    if job.init_from is not None:  # stage 3: the stage-1 run's weights (run_all ran it first)
+        start = stage1_checkpoint(job, runs)
+        if start is None:
+            raise RuntimeError(f"no best checkpoint in {runs / job.init_from.key / CHECKPOINTS}")
+        fit += ["--model.init_from", str(start)]
     if (ckpts / "last.ckpt").is_file():
         fit += ["--ckpt_path", str(ckpts / "last.ckpt")]  # an interrupted fit continues
     fit_s = _run(fit, run_dir / "fit.log")
+    best = best_checkpoint(ckpts)
+    if best is None:
+        raise RuntimeError(f"the fit wrote no best checkpoint into {ckpts} (see {run_dir}/fit.log)")
     test_json = run_dir / "test.json"
-    test = [sys.executable, "-m", "beamvq.summary", *common, "--ckpt", str(ckpts / "best.ckpt")]
+    test = [sys.executable, "-m", "beamvq.summary", *common, "--ckpt", str(best)]
     test += ["--label", "best", "--no-logger", "--out", str(run_dir / "summary.md")]
     test += ["--json", str(test_json)]
     test_s = _run(test, run_dir / "test.log")
     metrics = json.loads(test_json.read_text())["best"]["metrics"]
     return dict(
         key=job.key,
-        **asdict(job),
+        **job.record(),
         labelled=job.labelled(),
         config_digest=config_digest(job.configs()),
         fit_seconds=round(fit_s, 1),
@@ -243,10 +274,23 @@ def run_job(job: Job, runs: Path) -> dict:
     )
 
 
+def stage1_needed(todo: Sequence[Job], done: dict[str, dict], runs: Path) -> list[Job]:
+    """The stage-1 jobs of ``todo``'s fine-tunes that must run first: no row, or no best
+    checkpoint in their run folder (a row whose folder is gone: rerun, no second row)."""
+    needed: dict[str, Job] = {}
+    for job in todo:
+        s1 = job.init_from
+        if s1 is not None and s1.key not in needed:
+            if s1.key not in done or stage1_checkpoint(job, runs) is None:
+                needed[s1.key] = s1
+    return list(needed.values())
+
+
 def run_all(jobs: Sequence[Job], results: Path, runs: Path, n_jobs: int) -> int:
-    done = {r["key"] for r in load_rows([results])}
+    done = {r["key"]: r for r in load_rows([results])}
     todo = [j for j in jobs if j.key not in done]
     print(f"{len(jobs)} runs planned, {len(jobs) - len(todo)} already in {results}", flush=True)
+    first = stage1_needed(todo, done, runs)
     lock, failures = threading.Lock(), []
 
     def one(job: Job) -> None:
@@ -257,138 +301,33 @@ def run_all(jobs: Sequence[Job], results: Path, runs: Path, n_jobs: int) -> int:
             failures.append(job.key)
             print(f"FAILED {job.key}: {exc}", flush=True)
             return
+        mse = row["metrics"].get("test/mse", float("nan"))
+        if job.key in done:  # a stage-1 run redone for its checkpoint: its row stays the one
+            old = done[job.key]["metrics"].get("test/mse", float("nan"))
+            print(f"redone {job.key}: test/mse {mse:.5g} (its row kept: {old:.5g})", flush=True)
+            return
         with lock:
             results.parent.mkdir(parents=True, exist_ok=True)
             with results.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
-        mse = row["metrics"].get("test/mse", float("nan"))
         print(f"done  {job.key}: test/mse {mse:.5g} ({row['fit_seconds']:.0f} s fit)", flush=True)
 
-    with ThreadPoolExecutor(max_workers=max(1, n_jobs)) as pool:
-        list(pool.map(one, todo))
+    def phase(batch: Sequence[Job]) -> None:
+        with ThreadPoolExecutor(max_workers=max(1, n_jobs)) as pool:
+            list(pool.map(one, batch))
+
+    if first:
+        print(f"stage 1 first: {len(first)} runs ({', '.join(j.key for j in first)})", flush=True)
+        phase(first)
+    failed_first, rest = set(failures), []
+    for job in todo:
+        if job.init_from is not None and job.init_from.key in failed_first:
+            failures.append(job.key)
+            print(f"SKIPPED {job.key}: its stage-1 run {job.init_from.key} failed", flush=True)
+        elif job not in first:
+            rest.append(job)
+    phase(rest)
     return 1 if failures else 0
-
-
-# ---------------------------------------------------------------------------------------------
-# tables (from the result rows only)
-
-
-def _mean_sd(values: Sequence[float]) -> str:
-    if not values:
-        return "–"
-    m = statistics.fmean(values)
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{m:.4g} ± {sd:.2g}" if len(values) > 1 else f"{m:.4g}"
-
-
-def _metric(row: dict, name: str) -> float:
-    return float(row["metrics"].get(f"test/{name}", math.nan))
-
-
-def scarcity_table(rows: list[dict], title: str) -> str:
-    """Base test MSE against the labelled trajectories (one experiment and backbone's rows)."""
-    base = [r for r in rows if r["arm"] == "base" and r["unlabelled_samples"] == 0]
-    levels = sorted({r["labelled"] for r in base})
-    if not levels:
-        return ""
-    full = max(levels)
-    full_mse = statistics.fmean(_metric(r, "mse") for r in base if r["labelled"] == full)
-    lines = [
-        f"### {title}: scarcity curve (base arm, test MSE at the best-validation checkpoint)",
-        "",
-        "| labelled trajectories | seeds | test MSE | vs full | epochs (best) | fit s |",
-        "|---|---|---|---|---|---|",
-    ]
-    for n in levels:
-        rs = [r for r in base if r["labelled"] == n]
-        mse = [_metric(r, "mse") for r in rs]
-        ratio = statistics.fmean(mse) / full_mse - 1
-        epochs = "/".join(f"{r.get('epochs', '?')}({r.get('best_epoch', '?')})" for r in rs)
-        secs = statistics.fmean(r["fit_seconds"] for r in rs)
-        lines.append(
-            f"| {n} | {len(rs)} | {_mean_sd(mse)} | {ratio:+.1%} | {epochs} | {secs:.0f} |"
-        )
-    return "\n".join(lines)
-
-
-ARM_METRICS = ("mse", "mse_lead1", "mse_lead8", "mae", "crps", "spread_skill")
-# the fit's last logged value (metrics.csv): code-bank health, the pool's share of the
-# learning-rate-weighted training signal, the search's cost in training epochs
-HEALTH = {
-    "val perplexity": "codebook/val_perplexity",
-    "dead codes": "codebook/val_dead_fraction",
-    "val spread/skill": "val/spread_skill",
-    "pool signal": "augment/pool_signal_share",
-    "search/epoch": "augment/search_to_train",
-}
-
-
-def arms_table(rows: list[dict], title: str) -> str:
-    """Per (train, unlabelled) level: every arm's metrics and its paired change against base."""
-    out = []
-    for n, m in sorted({(r["train_samples"], r["unlabelled_samples"]) for r in rows if m_ok(r)}):
-        level = [r for r in rows if (r["train_samples"], r["unlabelled_samples"]) == (n, m)]
-        # the base arm never reads the unlabelled trajectories (its u0 and u48 runs are the
-        # same training: equal test MSE to every digit), so a u0 base run pairs too
-        base = {
-            r["seed"]: r
-            for r in rows
-            if r["arm"] == "base" and r["train_samples"] == n and r["unlabelled_samples"] == 0
-        }
-        base.update({r["seed"]: r for r in level if r["arm"] == "base"})  # fmt: skip
-        arms = sorted({r["arm"] for r in level}, key=lambda a: (a != "base", a))
-        if len(arms) < 2:
-            continue
-        head = " | ".join(f"test {k}" for k in ARM_METRICS)
-        out += [
-            f"### {title}: {n} labelled + {m} unlabelled trajectories",
-            "",
-            f"| arm | seeds | {head} | MSE vs base (paired) | {' | '.join(HEALTH)} | trainable |",
-            "|---|---|" + "---|" * (len(ARM_METRICS) + len(HEALTH)) + "---|---|",
-        ]
-        for arm in arms:
-            rs = [r for r in level if r["arm"] == arm]
-            cells = [_mean_sd([_metric(r, k) for r in rs if not math.isnan(_metric(r, k))])
-                     for k in ARM_METRICS]  # fmt: skip
-            paired = [_metric(r, "mse") / _metric(base[r["seed"]], "mse") - 1
-                      for r in rs if r["seed"] in base]  # fmt: skip
-            change = "–" if arm == "base" or not paired else (
-                f"{statistics.fmean(paired):+.1%} ({sum(p < 0 for p in paired)}/{len(paired)} better)"
-            )  # fmt: skip
-            health = [_mean_sd([r["last_logged"][k] for r in rs if k in r.get("last_logged", {})])
-                      for k in HEALTH.values()]  # fmt: skip
-            params = rs[0].get("trainable_numel")
-            params = "–" if params is None else f"{params:,}"
-            out.append(f"| {arm} | {len(rs)} | {' | '.join(cells)} | {change} | "
-                       f"{' | '.join(health)} | {params} |")  # fmt: skip
-        out.append("")
-    return "\n".join(out)
-
-
-def m_ok(row: dict) -> bool:
-    return row["unlabelled_samples"] > 0 or row["arm"] != "base"
-
-
-def report(paths: Sequence[Path]) -> str:
-    rows = load_rows(paths)
-    if not rows:
-        return f"no results in {', '.join(map(str, paths))}"
-    return report_rows(rows)
-
-
-def report_rows(rows: list[dict]) -> str:
-    """Every table: per experiment and backbone, the scarcity curve and the arms by level."""
-    parts = []
-
-    def key(r: dict) -> tuple[str, str, tuple[str, ...]]:
-        return r["experiment"], r.get("backbone", ""), tuple(r.get("overrides") or ())
-
-    # rows with other overrides (a longer budget, another setting) are never pooled together
-    for exp, net, extra in sorted({key(r) for r in rows}):
-        group = [r for r in rows if key(r) == (exp, net, extra)]
-        title = f"{exp} ({net or 'its own backbone'}{', ' + ' '.join(extra) if extra else ''})"
-        parts += [scarcity_table(group, title), arms_table(group, title)]
-    return "\n\n".join(p for p in parts if p)
 
 
 def _ints(text: str) -> list[int]:
@@ -413,6 +352,23 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     r.add_argument("--unlabelled-samples", default=0, type=int, help="input-only trajectories")
     r.add_argument("--seeds", default=[0], type=_ints)
     r.add_argument("--override", action="append", help="one more beamvq CLI argument (repeat)")
+    r.add_argument(
+        "--init-from-arm",
+        help="stage 3: fine-tune every run from this arm's best-validation checkpoint (its run "
+        "of the same experiment, backbone, labelled trajectories and seed; 0 unlabelled for "
+        "base), which runs first when its row or checkpoint is missing",
+    )
+    r.add_argument(
+        "--init-from-override",
+        action="append",
+        help="one more beamvq CLI argument of the stage-1 run (repeat; part of its key)",
+    )
+    r.add_argument(
+        "--init-from-early-stopping",
+        type=int,
+        metavar="P",
+        help="stage 1 stops when val/loss has not improved for P epochs (EarlyStopping)",
+    )
     r.add_argument("--jobs", default=1, type=int, help="runs in parallel (one thread each)")
     r.add_argument("--results", default=DEFAULT_RESULTS, type=Path)
     r.add_argument("--runs", default=DEFAULT_RUNS, type=Path)
