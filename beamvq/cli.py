@@ -41,6 +41,7 @@ from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.callbacks import (
     LearningRateMonitor,
     ModelCheckpoint,
+    ModelSummary,
     ProgressBar,
     RichProgressBar,
 )
@@ -57,6 +58,7 @@ from beamvq.callbacks.last_checkpoint import (
     find_last_checkpoint,
     last_checkpoint_dirs,
 )
+from beamvq.callbacks.model_summary import ParameterSummary
 from beamvq.callbacks.prediction_writer import NetCDFPredictionWriter
 from beamvq.checkpoint_files import CheckpointRefused, check_ckpt_options, check_ckpt_path
 from beamvq.checkpoint_io import AtomicCheckpointIO
@@ -188,7 +190,12 @@ class BeamVQCLI(LightningCLI):
         if setting("enable_progress_bar") is not False and not any(
             isinstance(c, ProgressBar) for c in given
         ):
-            kwargs["callbacks"] = [*given, RichProgressBar()]
+            kwargs["callbacks"] = given = [*given, RichProgressBar()]
+        # the summary without Lightning's FLOPs column (always 0 here: callbacks/model_summary.py)
+        if setting("enable_model_summary") is not False and not any(
+            isinstance(c, ModelSummary) for c in given
+        ):
+            kwargs["callbacks"] = [*given, ParameterSummary()]
         trainer = super().instantiate_trainer(**kwargs)
         for cb in trainer.callbacks:  # the config as given, not with the derived paths
             if isinstance(cb, SaveConfigCallback) and hasattr(self, "_config_as_given"):

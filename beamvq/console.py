@@ -8,14 +8,17 @@ third-party noise filtered deliberately (never beamvq's own messages).
   summary) or they were glued to a bar line. ``CurrentStreamHandler`` writes to whatever
   ``sys.stderr`` is at the time of each record; ``route_logs_through_current_streams`` puts it in
   place of the plain stream handlers of the root logger and of Lightning's own logger.
-- **Known noise.** ``NOISE`` lists third-party messages that tell a beamvq user nothing: the
+- **Known noise.** ``NOISE`` lists third-party log messages that tell a beamvq user nothing: the
   pytorch-lightning 2.6 advertisement for its cloud logger, printed at every ``Trainer``.
+  ``NOISY_WARNINGS`` the third-party deprecation warnings a beamvq user cannot act on: torch 2.13
+  deprecating ``LeafSpec`` inside pytorch-lightning's own pytree copy (printed at every fit).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from typing import TextIO
 
 __all__ = [
@@ -28,6 +31,10 @@ __all__ = [
 #: (logger name, text that identifies the message): third-party lines filtered out
 NOISE: tuple[tuple[str, str], ...] = (
     ("pytorch_lightning.utilities.rank_zero", "try installing [litlogger]"),
+)
+#: (message regex, category): third-party warnings filtered out
+NOISY_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", Warning),
 )
 #: the loggers whose stream handlers are replaced: the root and Lightning's own (it does not
 #: propagate to the root)
@@ -82,7 +89,9 @@ def route_logs_through_current_streams() -> None:
 
 
 def quiet_known_noise() -> None:
-    """Filter the ``NOISE`` messages at their loggers (idempotent)."""
+    """Filter the ``NOISE`` messages at their loggers and the ``NOISY_WARNINGS`` (idempotent)."""
+    for message, category in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
     for name, text in NOISE:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNoise) and f.text == text for f in logger.filters):

@@ -416,6 +416,7 @@ def shrink_config(name: str, tmp: Path) -> Path:
             "RichProgressBar",
         ):
             continue
+        # checkpoints go to <default_root_dir>/checkpoints (the configs name no dirpath)
         if "dirpath" in args:
             args["dirpath"] = str(tmp / "ckpt")
         if "output" in args:
@@ -462,9 +463,7 @@ def test_configs_run_beamvq_from_the_cli(
     assert cli.datamodule.pool.size == cb.history[0].added == cb.history[0].accepted
     if name == "beamvq/ns.yaml":
         # the beam-searched test ensemble from the checkpoint, through the CLI
-        test = main(
-            ["test", "--config", str(cfg), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")]
-        )
+        test = main(["test", "--config", str(cfg), "--ckpt_path", "last"])
         assert "test/crps" in test.trainer.callback_metrics
 
 

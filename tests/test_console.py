@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,14 @@ def test_known_noise_is_filtered_and_our_lines_are_not(caplog: pytest.LogCapture
         rank_zero_info(SUMMARY)
         logging.getLogger("beamvq").warning("beamvq's own warning mentions litlogger")
     text = caplog.text
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        quiet_known_noise()
+        warnings.warn(
+            "`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning, stacklevel=1
+        )
+        warnings.warn("beamvq's own deprecation", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in seen] == ["beamvq's own deprecation"]
     assert "seamless cloud logging" not in text
     assert SUMMARY in text and "beamvq's own warning" in text
 

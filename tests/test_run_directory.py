@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import wandb
 from jsonargparse import Namespace
 from pytorch_lightning.callbacks import LearningRateMonitor
 
@@ -47,6 +48,8 @@ def _mtimes(folder: Path, prefix: str) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory, figures_not_rendered_within: Any) -> Any:
     tmp = tmp_path_factory.mktemp("rundir")
+    # an earlier test's W&B process-wide setup (its mode, its folders) must not carry over
+    wandb.teardown()
     mp = pytest.MonkeyPatch()
     mp.setenv("WANDB_MODE", "offline")
     mp.setenv("WANDB_SILENT", "true")
