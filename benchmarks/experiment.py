@@ -63,7 +63,13 @@ from pathlib import Path
 
 import torch
 import yaml
-from experiment_facts import best_checkpoint, checkpoint_facts, logged_facts, trainable_numel
+from experiment_facts import (
+    best_checkpoint,
+    checkpoint_facts,
+    logged_facts,
+    machine_id,
+    trainable_numel,
+)
 from experiment_report import load_rows, report, report_rows
 
 __all__ = ["Job", "load_rows", "plan", "report", "report_rows", "run_all", "trainable_numel"]
@@ -270,6 +276,7 @@ def run_job(job: Job, runs: Path) -> dict:
         **logged_facts(run_dir / "metrics.csv"),
         metrics=metrics,
         torch=torch.__version__,
+        machine=machine_id(),
         finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
 
@@ -302,10 +309,16 @@ def run_all(jobs: Sequence[Job], results: Path, runs: Path, n_jobs: int) -> int:
             print(f"FAILED {job.key}: {exc}", flush=True)
             return
         mse = row["metrics"].get("test/mse", float("nan"))
-        if job.key in done:  # a stage-1 run redone for its checkpoint: its row stays the one
+        if job.key in done and done[job.key].get("machine") == row.get("machine"):
+            # a stage-1 run redone for its checkpoint on the same machine: its row stays
             old = done[job.key]["metrics"].get("test/mse", float("nan"))
             print(f"redone {job.key}: test/mse {mse:.5g} (its row kept: {old:.5g})", flush=True)
             return
+        if job.key in done:  # redone on another machine: its own row, the newest counts
+            old = done[job.key]["metrics"].get("test/mse", float("nan"))
+            row["redone"] = True
+            print(f"redone {job.key} on another machine: test/mse {mse:.5g} (was {old:.5g}); "
+                  "its row is appended and supersedes the old one in the report", flush=True)  # fmt: skip
         with lock:
             results.parent.mkdir(parents=True, exist_ok=True)
             with results.open("a") as fh:

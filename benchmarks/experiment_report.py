@@ -148,10 +148,24 @@ def report(paths: Sequence[Path]) -> str:
     return report_rows(rows)
 
 
+def latest_rows(rows: list[dict]) -> list[dict]:
+    """One row per key, the newest: a run redone on another machine (``machine`` differs; see
+    ``experiment_facts.machine_id``) supersedes its old row, in the old row's place."""
+    last = {r["key"]: r for r in rows}
+    seen: set[str] = set()
+    out = []
+    for r in rows:
+        if r["key"] not in seen:
+            seen.add(r["key"])
+            out.append(last[r["key"]])
+    return out
+
+
 def report_rows(rows: list[dict]) -> str:
     """Every table: per experiment and backbone, the scarcity curve and the arms by level; then
     the stage-3 tables of the rows with ``init_from`` (``staged_tables``)."""
     parts = []
+    rows = latest_rows(rows)
     plain = [r for r in rows if not r.get("init_from")]
 
     def key(r: dict) -> tuple[str, str, tuple[str, ...]]:

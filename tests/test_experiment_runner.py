@@ -319,3 +319,19 @@ def test_fine_tuning_arms_share_the_budget_and_a_rate_that_does_not_vanish(
         assert callbacks["BeamSearchAugmentation"]["init_args"]["start_epoch"] == 1
         assert "PoolSignalShare" in callbacks
         assert (data["pool"]["capacity"], data["pool"]["weight"]) == (72, 1.0)
+
+
+def test_a_row_redone_on_another_machine_supersedes_the_old_one_in_place() -> None:
+    import experiment_report
+
+    old = {"key": "a", "machine": "m1", "metrics": {"test/mse": 1.0}}
+    other = {"key": "b", "metrics": {"test/mse": 2.0}}
+    new = {"key": "a", "machine": "m2", "redone": True, "metrics": {"test/mse": 0.5}}
+    assert experiment_report.latest_rows([old, other, new]) == [new, other]
+
+
+def test_rows_record_the_machine() -> None:
+    import experiment_facts
+
+    first, second = experiment_facts.machine_id(), experiment_facts.machine_id()
+    assert first == second and "torch" in first and "[" in first
