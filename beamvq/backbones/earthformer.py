@@ -108,95 +108,18 @@ from beamvq.nn.cuboid_blocks import (
     Stem,
     StemDecoder,
     Upsample,
+    grid_sizes,
+    hierarchy_problems,
+    init_earthformer_weights,
+    layer_patterns,
+    stem_problems,
 )
 from beamvq.nn.moe import MoEConfig, number_moe_layers
 
 Size3 = tuple[int, int, int]
 
 
-def _init_weights(module: nn.Module) -> None:
-    """Reference initialization mode "0" (see module docstring)."""
-    if isinstance(module, nn.Linear):
-        nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="linear")
-    elif isinstance(module, nn.Conv2d):
-        nn.init.kaiming_normal_(module.weight, a=0.1, mode="fan_out", nonlinearity="leaky_relu")
-    else:
-        return
-    if module.bias is not None:
-        nn.init.zeros_(module.bias)
-
-
-# -- building the backbone (helpers of Earthformer.__init__) -----------------------------------
-def _hierarchy_problems(
-    enc_depth: list[int], dec_depth: list[int], dims: list[int], num_heads: int
-) -> list[str]:
-    """What is wrong with the encoder/decoder hierarchy's settings (empty: nothing)."""
-    problems = []
-    num_levels = len(enc_depth)
-    if num_levels < 1 or len(dec_depth) != num_levels:
-        problems.append(f"enc_depth {enc_depth} and dec_depth {dec_depth} need equal length")
-    if any(d < 1 for d in enc_depth + dec_depth):
-        problems.append("every enc_depth/dec_depth entry must be >= 1")
-    if any(d % num_heads for d in dims):
-        problems.append(f"level widths {dims} must be divisible by num_heads={num_heads}")
-    return problems
-
-
-def _stem_problems(
-    stem_dims: list[int], stem_downscales: list[int], base_units: int, downsample: int, convs: int
-) -> list[str]:
-    """What is wrong with the stem's and the merges' settings (empty: nothing)."""
-    problems = []
-    if len(stem_dims) != len(stem_downscales) or not stem_dims:
-        problems.append(f"stem_dims {stem_dims} and stem_downscales need equal, >0 length")
-    elif stem_dims[-1] != base_units:
-        problems.append(f"the last stem_dims entry must equal base_units={base_units}")
-    if any(s < 1 for s in stem_downscales) or downsample < 1 or convs < 1:
-        problems.append("downsample factors and stem_convs must be >= 1")
-    return problems
-
-
-def _grid_sizes(
-    height: int, width: int, stem_downscales: list[int], downsample: int, num_levels: int
-) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """Grid sizes after each stem stage (the input grid first), then per hierarchy level."""
-    stem_sizes = [(height, width)]
-    for s in stem_downscales:
-        h, w = stem_sizes[-1]
-        stem_sizes.append((-(-h // s), -(-w // s)))
-    level_hw = [stem_sizes[-1]]
-    for _ in range(num_levels - 1):
-        h, w = level_hw[-1]
-        level_hw.append((-(-h // downsample), -(-w // downsample)))
-    return stem_sizes, level_hw
-
-
-def _layer_patterns(
-    name: str,
-    cuboid_sizes: Sequence[Sequence[int]] | None,
-    cuboid_strategies: Sequence[str] | None,
-    shift_sizes: Sequence[Sequence[int]] | None,
-    extents: Size3,
-) -> list[CuboidPattern]:
-    """The cuboid pattern of every attention layer of a block over ``extents``."""
-    if cuboid_sizes is None:
-        sizes = [(extents[0], 1, 1), (1, extents[1], 1), (1, 1, extents[2])]
-    else:
-        sizes = [tuple(int(c) for c in s) for s in cuboid_sizes]
-    strategies = list(cuboid_strategies or ["lll"] * len(sizes))
-    shifts = [tuple(s) for s in shift_sizes] if shift_sizes else [(0, 0, 0)] * len(sizes)
-    if not (len(strategies) == len(shifts) == len(sizes)) or any(
-        len(s) != 3 for s in [*sizes, *shifts]
-    ):
-        raise ValueError(
-            f"{name}: cuboid_sizes, cuboid_strategies and shift_sizes need one (t, h, w) "
-            f"entry per attention layer; got {cuboid_sizes}, {cuboid_strategies}, "
-            f"{shift_sizes}"
-        )
-    return [resolve_pattern(extents, *args) for args in zip(sizes, shifts, strategies)]
-
-
-# ``_layer_patterns`` with the settings bound: a block's extents -> its layers' patterns
+# ``layer_patterns`` with the settings bound: a block's extents -> its layers' patterns
 Patterns = Callable[[Size3], list[CuboidPattern]]
 
 
@@ -281,8 +204,8 @@ class Earthformer(Backbone):
         problems = []
         if self.height < 1 or self.width < 1:
             problems.append(f"height and width must be >= 1, got {height}x{width}")
-        problems += _hierarchy_problems(enc_depth, dec_depth, dims, num_heads)
-        problems += _stem_problems(stem_dims, stem_downscales, base_units, downsample, stem_convs)
+        problems += hierarchy_problems(enc_depth, dec_depth, dims, num_heads)
+        problems += stem_problems(stem_dims, stem_downscales, base_units, downsample, stem_convs)
         if num_global_vectors < 0:
             problems.append("num_global_vectors must be >= 0")
         if problems:
@@ -292,11 +215,11 @@ class Earthformer(Backbone):
         self.num_global_vectors = int(num_global_vectors)
         use_global = self.num_global_vectors > 0
         self.dec_global_vectors = bool(dec_global_vectors) and use_global
-        stem_sizes, level_hw = _grid_sizes(
+        stem_sizes, level_hw = grid_sizes(
             self.height, self.width, stem_downscales, downsample, num_levels
         )
         self.level_hw = level_hw
-        patterns = partial(_layer_patterns, name, cuboid_sizes, cuboid_strategies, shift_sizes)
+        patterns = partial(layer_patterns, name, cuboid_sizes, cuboid_strategies, shift_sizes)
         drops = {"attn_drop": attn_drop, "proj_drop": proj_drop, "ffn_drop": ffn_drop, "moe": moe}
 
         # Stem, encoder and decoder (in this order: it is the order of the random init).
@@ -310,7 +233,7 @@ class Earthformer(Backbone):
         self.stem_decoder = StemDecoder(base_units, stem_dims[::-1], stem_sizes[-2::-1], stem_convs)
         self.head = nn.Linear(stem_dims[0], out_channels)
         for module in self.modules():
-            _init_weights(module)
+            init_earthformer_weights(module)
         number_moe_layers(self)
 
     def _build_encoder(

@@ -18,6 +18,7 @@ from beamvq.nn.cuboid import (
     CuboidPattern,
     CuboidSelfAttention,
     TokensAndGlobals,
+    resolve_pattern,
 )
 from beamvq.nn.moe import MoEConfig, MoEFeedForward
 
@@ -196,3 +197,85 @@ class StemDecoder(nn.Module):
         for up, conv in zip(self.ups, self.convs):
             x = _per_frame(conv, up(x))
         return x
+
+
+def init_earthformer_weights(module: nn.Module) -> None:
+    """Reference initialization mode "0" (see module docstring)."""
+    if isinstance(module, nn.Linear):
+        nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="linear")
+    elif isinstance(module, nn.Conv2d):
+        nn.init.kaiming_normal_(module.weight, a=0.1, mode="fan_out", nonlinearity="leaky_relu")
+    else:
+        return
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+# -- building the backbone (helpers of beamvq.backbones.earthformer.Earthformer.__init__) ------
+def hierarchy_problems(
+    enc_depth: list[int], dec_depth: list[int], dims: list[int], num_heads: int
+) -> list[str]:
+    """What is wrong with the encoder/decoder hierarchy's settings (empty: nothing)."""
+    problems = []
+    num_levels = len(enc_depth)
+    if num_levels < 1 or len(dec_depth) != num_levels:
+        problems.append(f"enc_depth {enc_depth} and dec_depth {dec_depth} need equal length")
+    if any(d < 1 for d in enc_depth + dec_depth):
+        problems.append("every enc_depth/dec_depth entry must be >= 1")
+    if any(d % num_heads for d in dims):
+        problems.append(f"level widths {dims} must be divisible by num_heads={num_heads}")
+    return problems
+
+
+def stem_problems(
+    stem_dims: list[int], stem_downscales: list[int], base_units: int, downsample: int, convs: int
+) -> list[str]:
+    """What is wrong with the stem's and the merges' settings (empty: nothing)."""
+    problems = []
+    if len(stem_dims) != len(stem_downscales) or not stem_dims:
+        problems.append(f"stem_dims {stem_dims} and stem_downscales need equal, >0 length")
+    elif stem_dims[-1] != base_units:
+        problems.append(f"the last stem_dims entry must equal base_units={base_units}")
+    if any(s < 1 for s in stem_downscales) or downsample < 1 or convs < 1:
+        problems.append("downsample factors and stem_convs must be >= 1")
+    return problems
+
+
+def grid_sizes(
+    height: int, width: int, stem_downscales: list[int], downsample: int, num_levels: int
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Grid sizes after each stem stage (the input grid first), then per hierarchy level."""
+    stem_sizes = [(height, width)]
+    for s in stem_downscales:
+        h, w = stem_sizes[-1]
+        stem_sizes.append((-(-h // s), -(-w // s)))
+    level_hw = [stem_sizes[-1]]
+    for _ in range(num_levels - 1):
+        h, w = level_hw[-1]
+        level_hw.append((-(-h // downsample), -(-w // downsample)))
+    return stem_sizes, level_hw
+
+
+def layer_patterns(
+    name: str,
+    cuboid_sizes: Sequence[Sequence[int]] | None,
+    cuboid_strategies: Sequence[str] | None,
+    shift_sizes: Sequence[Sequence[int]] | None,
+    extents: Size3,
+) -> list[CuboidPattern]:
+    """The cuboid pattern of every attention layer of a block over ``extents``."""
+    if cuboid_sizes is None:
+        sizes = [(extents[0], 1, 1), (1, extents[1], 1), (1, 1, extents[2])]
+    else:
+        sizes = [tuple(int(c) for c in s) for s in cuboid_sizes]
+    strategies = list(cuboid_strategies or ["lll"] * len(sizes))
+    shifts = [tuple(s) for s in shift_sizes] if shift_sizes else [(0, 0, 0)] * len(sizes)
+    if not (len(strategies) == len(shifts) == len(sizes)) or any(
+        len(s) != 3 for s in [*sizes, *shifts]
+    ):
+        raise ValueError(
+            f"{name}: cuboid_sizes, cuboid_strategies and shift_sizes need one (t, h, w) "
+            f"entry per attention layer; got {cuboid_sizes}, {cuboid_strategies}, "
+            f"{shift_sizes}"
+        )
+    return [resolve_pattern(extents, *args) for args in zip(sizes, shifts, strategies)]
