@@ -19,6 +19,8 @@ from pytorch_lightning.utilities.model_summary.model_summary import (
     get_human_readable_count,
 )
 
+from beamvq.callbacks.checks import at_least
+
 __all__ = ["ParameterSummary", "summary_columns"]
 
 DROPPED = ("FLOPs",)
@@ -30,7 +32,15 @@ def summary_columns(summary_data: list[tuple[str, list[str]]]) -> list[tuple[str
 
 
 class ParameterSummary(RichModelSummary):
-    """``RichModelSummary`` without the FLOPs column and total (see the module docstring)."""
+    """``RichModelSummary`` without the FLOPs column and total (see the module docstring).
+
+    Args:
+        max_depth: the depth of submodules listed (-1: all, 0: none), as Lightning's.
+    """
+
+    def __init__(self, max_depth: int = 1, **summarize_kwargs: Any) -> None:
+        at_least("ParameterSummary", -1, max_depth=max_depth)
+        super().__init__(max_depth, **summarize_kwargs)
 
     @staticmethod
     def summarize(

@@ -320,11 +320,15 @@ class PoolConfig:
         capacity: most pseudo-labelled samples kept (0 keeps none).
         policy: which to drop when full: ``"oldest"`` or ``"worst"`` (lowest score).
         weight: loss weight of pool samples relative to real windows.
+        share: the capacity as a share of the training windows instead (the papers add 30-100 %
+            of the training set, BeamVQ's authors as many pseudo-samples as real ones: 1.0);
+            set at setup from the training split, it replaces ``capacity``. None: ``capacity``.
     """
 
     capacity: int = 256
     policy: str = "worst"
     weight: float = 0.5
+    share: float | None = None
 
     def __post_init__(self) -> None:
         if int(self.capacity) < 0:
@@ -335,6 +339,8 @@ class PoolConfig:
             )
         if not float(self.weight) >= 0.0:
             raise ValueError(f"data.pool.weight must be >= 0, got {self.weight}")
+        if self.share is not None and not 0.0 < float(self.share) <= 10.0:
+            raise ValueError(f"data.pool.share must be in (0, 10] or null, got {self.share}")
         _set(self, "capacity", int(self.capacity))
         _set(self, "weight", float(self.weight))
 

@@ -77,7 +77,7 @@ class NetCDFDataModule(SettingsView, pl.LightningDataModule):
         quality:   {max_nan_fraction, nan_policy}                        # QualityConfig
         cache:     {above_mb, dir, per_node}                             # CacheConfig
         loader:    {batch_size, num_workers}                             # LoaderConfig
-        pool:      {capacity, policy, weight}                            # PoolConfig
+        pool:      {capacity, policy, weight, share}                     # PoolConfig
         predict:   {init, times}                                         # PredictConfig
         generator: {class_path: ..., init_args: ...}
         check_only: false
@@ -244,6 +244,7 @@ class NetCDFDataModule(SettingsView, pl.LightningDataModule):
             ready = prepare(lay, data, cache_file, stats, *args)
         self._prepared = ready
         self.normalization = ready.normalization
+        self.pool.fit_to_training(len(ready.plan.starts["train"]))  # data.pool.share
         warning = check_stage_windows(ready.plan, self.splits, stage, self._label())
         if warning is not None:
             rank_zero_warn(warning)

@@ -47,9 +47,19 @@ class AugmentedPool:
         self._samples = _empty()
         self._counter = 0
 
+    share: float | None = None  # data.pool.share: the capacity follows the training windows
+
     @classmethod
     def from_config(cls, config: PoolConfig) -> AugmentedPool:
-        return cls(config.capacity, config.policy, config.weight)
+        pool = cls(config.capacity, config.policy, config.weight)
+        pool.share = config.share
+        return pool
+
+    def fit_to_training(self, training_windows: int) -> None:
+        """With ``share`` set: capacity = round(share x training windows) (at least 1); the
+        samples beyond it are dropped by the next ``add``'s policy."""
+        if self.share is not None:
+            self.capacity = max(1, round(self.share * int(training_windows)))
 
     @property
     def size(self) -> int:

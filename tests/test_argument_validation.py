@@ -40,6 +40,7 @@ from beamvq.callbacks.beam_search import BeamSearchAugmentation
 from beamvq.callbacks.codebook import CodebookUsageReport
 from beamvq.callbacks.forecast_images import ForecastImageLogger
 from beamvq.callbacks.lead_time import LeadTimeReport
+from beamvq.callbacks.model_summary import ParameterSummary
 from beamvq.callbacks.search_inputs import SearchInputs
 from beamvq.cli import main
 from beamvq.datamodules import config as data_config
@@ -349,6 +350,7 @@ TABLE: list[Row] = [
     Row(CodebookUsageReport, "batches", 0, "CodebookUsageReport: init_args.batches", "zero"),
     Row(CodebookUsageReport, "dpi", -90, "CodebookUsageReport: init_args.dpi", "negative"),
     Row(ForecastImageLogger, "channel", -1, "ForecastImageLogger: init_args.channel", "negative"),
+    Row(ParameterSummary, "max_depth", -2, "ParameterSummary: init_args.max_depth", "negative"),
     Row(ForecastImageLogger, "max_leads", 0, "ForecastImageLogger: init_args.max_leads", "zero"),
     Row(ForecastImageLogger, "members", 1, "ForecastImageLogger: init_args.members", "zero"),
     Row(ForecastImageLogger, "fps", 0, "ForecastImageLogger: init_args.fps", "zero"),
@@ -402,6 +404,7 @@ TABLE: list[Row] = [
     Row(D.PoolConfig, "capacity", -1, "data.pool.capacity", "negative"),
     Row(D.PoolConfig, "weight", -1.0, "data.pool.weight", "negative"),
     Row(D.PoolConfig, "policy", "newest", "data.pool.policy", "choice"),
+    Row(D.PoolConfig, "share", 0.0, "data.pool.share", "zero"),
     Row(ERA5LikeGenerator, "convention", "cmip", "convention must be one of", "choice"),
     Row(NavierStokesGenerator, "n_trajectories", 0, "data.generator.init_args.n_trajectories", "zero"),
     Row(NavierStokesGenerator, "viscosity", -1e-3, "data.generator.init_args.viscosity", "negative"),

@@ -219,3 +219,29 @@ def test_settings_name_their_yaml_key() -> None:
         AugmentedPool(weight=-0.5)
     pool = AugmentedPool.from_config(PoolConfig(capacity=7, policy="oldest", weight=0.125))
     assert (pool.capacity, pool.policy, pool.weight) == (7, "oldest", 0.125)
+
+
+def test_a_share_sets_the_capacity_from_the_training_windows(tmp_path) -> None:
+    from beamvq.datamodules.config import LoaderConfig, WindowConfig
+    from beamvq.datamodules.netcdf import NetCDFDataModule
+    from beamvq.datamodules.synthetic import write_navier_stokes
+
+    path = write_navier_stokes(tmp_path / "ns.nc", n_trajectories=6, resolution=16, n_frames=12)
+    dm = NetCDFDataModule(
+        str(path), ["vorticity"], windows=WindowConfig(in_steps=2, out_steps=2),
+        loader=LoaderConfig(batch_size=2), pool=PoolConfig(capacity=5, share=0.3),
+    )  # fmt: skip
+    dm.setup("fit")
+    windows = len(dm.dataset("train"))
+    assert windows > 10 and dm.pool.capacity == round(0.3 * windows)
+    # the capacity is applied by the pool's policy: never more than the share's count
+    x = torch.zeros(windows, 2, 1, 16, 16)
+    scores = torch.arange(windows, dtype=torch.float32)
+    kept = dm.pool.add(x, x, scores, torch.zeros(windows, dtype=torch.long), torch.arange(windows))
+    assert dm.pool.size == kept == round(0.3 * windows)
+    # without a share the capacity stays the given one
+    plain = AugmentedPool.from_config(PoolConfig(capacity=5))
+    plain.fit_to_training(1000)
+    assert plain.capacity == 5
+    with pytest.raises(ValueError, match="data.pool.share"):
+        PoolConfig(share=0.0)
