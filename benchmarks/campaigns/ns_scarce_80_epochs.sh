@@ -6,6 +6,6 @@ R=benchmarks/results/experiments_ns_scarce.jsonl
 E=(--override=--trainer.max_epochs=80 --results $R --train-samples 8)
 for seed in 0 1 2; do
   python benchmarks/experiment.py run "${E[@]}" --arms base --seeds $seed --unlabelled-samples 0
-  python benchmarks/experiment.py run "${E[@]}" --arms vq,control,pushforward --seeds $seed --unlabelled-samples 48
+  python benchmarks/experiment.py run "${E[@]}" --arms vq,control,pushforward,ceiling --seeds $seed --unlabelled-samples 48
 done
 python benchmarks/experiment.py run "${E[@]}" --arms beamvq,two_stage --seeds 0,1,2 --unlabelled-samples 48
