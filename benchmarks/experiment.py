@@ -66,6 +66,7 @@ import yaml
 from experiment_facts import (
     best_checkpoint,
     checkpoint_facts,
+    leaks_validation,
     logged_facts,
     machine_id,
     trainable_numel,
@@ -277,6 +278,7 @@ def run_job(job: Job, runs: Path) -> dict:
         metrics=metrics,
         torch=torch.__version__,
         machine=machine_id(),
+        leaks_validation=leaks_validation(job.configs()),
         finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
 

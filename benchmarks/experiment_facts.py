@@ -13,9 +13,11 @@ import csv
 import hashlib
 import platform
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+import yaml
 
 # Lightning's names for the file of ``filename: best``: best.ckpt, then best-v1.ckpt, ...
 _BEST_FILE = re.compile(r"best(-v\d+)?\.ckpt")
@@ -101,3 +103,16 @@ def machine_id() -> str:
         pass
     digest = hashlib.sha1(" ".join(sorted(flags.split())).encode()).hexdigest()[:6]
     return f"{model} [{digest}] torch {torch.__version__}"
+
+
+def leaks_validation(configs: Iterable[Path]) -> bool:
+    """Whether the composed configs train on validation inputs: a ``BeamSearchAugmentation``
+    with ``inputs.allow_validation_leak: true`` and ``inputs.validation > 0`` (the authors'
+    protocol; configs/experiments/arms/authors_leak.yaml)."""
+    for path in configs:
+        cfg = yaml.safe_load(Path(path).read_text()) or {}
+        for cb in (cfg.get("trainer") or {}).get("callbacks") or []:
+            inputs = ((cb or {}).get("init_args") or {}).get("inputs") or {}
+            if inputs.get("allow_validation_leak") and int(inputs.get("validation", 0)) > 0:
+                return True
+    return False

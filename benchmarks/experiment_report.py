@@ -131,7 +131,7 @@ def arms_table(rows: list[dict], title: str) -> str:
                       for k in HEALTH.values()]  # fmt: skip
             params = rs[0].get("trainable_numel")
             params = "–" if params is None else f"{params:,}"
-            out.append(f"| {arm} | {len(rs)} | {' | '.join(cells)} | {change} | "
+            out.append(f"| {arm_label(arm, rs)} | {len(rs)} | {' | '.join(cells)} | {change} | "
                        f"{' | '.join(health)} | {params} |")  # fmt: skip
         out.append("")
     return "\n".join(out)
@@ -146,6 +146,12 @@ def report(paths: Sequence[Path]) -> str:
     if not rows:
         return f"no results in {', '.join(map(str, paths))}"
     return report_rows(rows)
+
+
+def arm_label(arm: str, rows: Sequence[dict]) -> str:
+    """The arm's name in a table, marked when its runs trained on validation inputs (the
+    authors' protocol, ``inputs.allow_validation_leak``): their scores are not evidence."""
+    return f"{arm} (LEAKS VALIDATION)" if any(r.get("leaks_validation") for r in rows) else arm
 
 
 def latest_rows(rows: list[dict]) -> list[dict]:
@@ -207,7 +213,7 @@ def _staged_line(arm: str, rs: list[dict], stage1: list[float], control: list[fl
               for k in HEALTH.values()]  # fmt: skip
     params = rs[0].get("trainable_numel")
     params = "–" if params is None else f"{params:,}"
-    return (f"| {arm} | {len(rs)} | {' | '.join(cells)} | {_paired(stage1)} | "
+    return (f"| {arm_label(arm, rs)} | {len(rs)} | {' | '.join(cells)} | {_paired(stage1)} | "
             f"{_paired(control)} | {epochs} | {' | '.join(health)} | {params} |")  # fmt: skip
 
 

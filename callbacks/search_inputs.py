@@ -21,7 +21,8 @@ class SearchInputs:
     """What each search epoch draws (YAML: the ``inputs`` block of ``BeamSearchAugmentation``).
 
     Attributes:
-        windows: training windows searched per epoch (``None``: all of them).
+        windows: training windows searched per epoch (``None``: all of them; 0: none, as in the
+            authors' protocol, which labels only held-out inputs).
         unlabelled: unlabelled inputs searched per epoch (``ForecastData.unlabelled_inputs``).
         validation: validation inputs labelled by the plain forecast per epoch (the authors'
             protocol; it leaks validation data into training and into the checkpoint selection).
@@ -34,15 +35,20 @@ class SearchInputs:
     allow_validation_leak: bool = False
 
     def __post_init__(self) -> None:
-        if self.windows is not None and int(self.windows) < 1:
+        if self.windows is not None and int(self.windows) < 0:
             raise ValueError(
-                f"{WHO}: init_args.inputs.windows must be >= 1 or null, got {self.windows}"
+                f"{WHO}: init_args.inputs.windows must be >= 0 or null, got {self.windows}"
             )
         for name in ("unlabelled", "validation"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(
                     f"{WHO}: init_args.inputs.{name} must be >= 0, got {getattr(self, name)}"
                 )
+        if self.windows == 0 and not self.unlabelled and not self.validation:
+            raise ValueError(
+                f"{WHO}: init_args.inputs searches nothing (windows, unlabelled and validation "
+                "are all 0): give at least one of them"
+            )
         if self.validation and not self.allow_validation_leak:
             raise ValueError(
                 f"{WHO}: init_args.inputs.validation={self.validation} pseudo-labels validation inputs, "

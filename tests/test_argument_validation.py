@@ -334,7 +334,7 @@ TABLE: list[Row] = [
     Row(SearchConfig, "accumulate", "max", "search.accumulate", "choice"),
     Row(SearchConfig, "top_k", 7, "search.top_k=7 exceeds the 6 trajectories", "pair",
         lambda v: SearchConfig(beam_width=2, top_k=v, candidate_k=3, rollout_steps=2)),
-    Row(SearchInputs, "windows", 0, f"{BSA}: init_args.inputs.windows", "zero"),
+    Row(SearchInputs, "windows", -1, f"{BSA}: init_args.inputs.windows", "negative"),
     Row(SearchInputs, "unlabelled", -1, f"{BSA}: init_args.inputs.unlabelled", "negative"),
     Row(SearchInputs, "validation", 2, f"{BSA}: init_args.inputs.validation=2", "pair"),
     Row(BeamSearchAugmentation, "every_n_epochs", 0, f"{BSA}: init_args.every_n_epochs", "zero"),

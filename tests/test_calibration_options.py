@@ -86,6 +86,8 @@ def test_search_inputs_refuse_a_silent_validation_leak() -> None:
         SearchInputs(validation=4)
     assert SearchInputs(validation=4, allow_validation_leak=True).validation == 4
     with pytest.raises(ValueError, match="inputs.windows"):
+        SearchInputs(windows=-1)
+    with pytest.raises(ValueError, match="searches nothing"):
         SearchInputs(windows=0)
     with pytest.raises(ValueError, match="inputs.unlabelled"):
         SearchInputs(unlabelled=-1)

@@ -335,3 +335,27 @@ def test_rows_record_the_machine() -> None:
 
     first, second = experiment_facts.machine_id(), experiment_facts.machine_id()
     assert first == second and "torch" in first and "[" in first
+
+
+def test_the_authors_arm_is_marked_as_leaking_in_every_table() -> None:
+    import experiment_facts
+    import experiment_report
+
+    arms = Path(__file__).resolve().parents[1] / "configs" / "experiments" / "arms"
+    assert experiment_facts.leaks_validation([arms / "authors_leak.yaml"])
+    for name in ("vq", "beamvq", "pushforward", "ft_beamvq"):
+        assert not experiment_facts.leaks_validation([arms / f"{name}.yaml"]), name
+    rows = [
+        {"arm": "authors_leak", "leaks_validation": True},
+        {"arm": "authors_leak", "leaks_validation": False},
+    ]
+    assert experiment_report.arm_label("authors_leak", rows) == "authors_leak (LEAKS VALIDATION)"
+    assert experiment_report.arm_label("vq", [{"arm": "vq"}]) == "vq"
+
+
+def test_the_authors_arm_is_refused_without_naming_the_leak() -> None:
+    from beamvq.callbacks.search_inputs import SearchInputs
+
+    with pytest.raises(ValueError, match="allow_validation_leak"):
+        SearchInputs(windows=0, validation=32)
+    assert SearchInputs(windows=0, validation=32, allow_validation_leak=True).windows == 0

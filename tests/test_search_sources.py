@@ -112,3 +112,36 @@ def test_pool_records_new_inputs_and_trains(
         if value.is_floating_point():
             assert torch.equal(now[key], value), key
     assert math.isfinite(float(warm.model.normalizer.std.sum()))
+
+
+def test_the_authors_protocol_pools_only_validation_inputs_when_the_leak_is_named(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # configs/experiments/arms/authors_leak.yaml: no training windows, validation inputs labelled
+    # by the plain forecast, no filter; the pool records every sample's source as "validation"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["beamvq"])
+    torch.set_num_threads(1)
+    frag = callbacks_fragment(tmp_path / "cb_authors.yaml", "pseudo")
+    cfg = yaml.safe_load(frag.read_text())
+    search = cfg["trainer"]["callbacks"][0]["init_args"]
+    search["inputs"] = {"windows": 0, "validation": 4, "allow_validation_leak": True}
+    search["search"] = {"beam_width": 1, "top_k": 1, "only_improving": False}
+    frag.write_text(yaml.safe_dump(cfg))
+    cli = main([
+        "fit", "--config", str(QUICKSTART), "--config", str(frag),
+        "--trainer.max_epochs", "2", "--trainer.limit_val_batches", "1",
+        "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false",
+        "--trainer.enable_checkpointing", "false",
+        "--trainer.default_root_dir", str(tmp_path / "run_authors"),
+        "--data.init_args.path", str(data),
+        "--data.init_args.generator.init_args.n_trajectories", "10",
+        "--data.init_args.generator.init_args.resolution", "32",
+        "--data.init_args.generator.init_args.n_frames", str(FRAMES),
+        "--data.init_args.loader.batch_size", "2", "--data.init_args.splits.train_samples", "2",
+        "--model.bottleneck.init_args.codebook_size", "32",
+    ])  # fmt: skip
+    pool = cli.datamodule.pool.samples()
+    kinds = {SOURCE_KINDS[int(k)] for k in pool.source_kind}
+    assert kinds == {"validation"} and pool.x.shape[0] == 4
