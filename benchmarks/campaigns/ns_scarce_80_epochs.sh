@@ -8,4 +8,4 @@ for seed in 0 1 2; do
   python benchmarks/experiment.py run "${E[@]}" --arms base --seeds $seed --unlabelled-samples 0
   python benchmarks/experiment.py run "${E[@]}" --arms vq,control,pushforward,ceiling --seeds $seed --unlabelled-samples 48
 done
-python benchmarks/experiment.py run "${E[@]}" --arms beamvq,two_stage --seeds 0,1,2 --unlabelled-samples 48
+python benchmarks/experiment.py run "${E[@]}" --arms beamvq,two_stage,authors_leak --seeds 0,1,2 --unlabelled-samples 48
