@@ -359,3 +359,31 @@ def test_the_authors_arm_is_refused_without_naming_the_leak() -> None:
     with pytest.raises(ValueError, match="allow_validation_leak"):
         SearchInputs(windows=0, validation=32)
     assert SearchInputs(windows=0, validation=32, allow_validation_leak=True).windows == 0
+
+
+@pytest.mark.parametrize(
+    "arm",
+    sorted(
+        p.stem
+        for p in (Path(__file__).resolve().parents[1] / "configs/experiments/arms").glob("*.yaml")
+    ),
+)
+def test_every_arm_builds_through_the_cli(
+    arm: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # every class of the composed experiment + arm configs is built (callbacks, model, data);
+    # only the training itself is replaced (an arm that cannot start is found here, not after
+    # a campaign launched it)
+    import pytorch_lightning as pl
+
+    from beamvq.cli import main
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "experiments"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pl.Trainer, "fit", lambda self, *a, **k: None)
+    cli = main(["fit", "--config", str(root / "ns_scarce.yaml"), "--config", str(root / "arms" / f"{arm}.yaml"),
+                "--trainer.default_root_dir", str(tmp_path / "run")])  # fmt: skip
+    assert cli.model is not None and cli.datamodule is not None
+    names = {type(c).__name__ for c in cli.trainer.callbacks}
+    assert "LastCheckpoint" in names
